@@ -1,0 +1,732 @@
+# Copyright 2026 The Diffutoon-for-diffusers authors. Apache-2.0.
+"""Diffutoon (Duan et al., "Diffutoon: High-Resolution Editable Toon Shading via Diffusion Models", 2024) as a
+diffusers community pipeline.
+
+The main toon-shading pass denoises a WHOLE video with sliding windows: in every window the complete
+denoiser (ControlNets, UNet and AnimateDiff motion modules, both CFG branches) runs, and the windows' noise
+predictions are blended with triangular weights (paper eqs. 2-6). The video's latents and condition frames
+stay in host memory; the accelerator only ever holds one window.
+
+Layout (k-diffusion style): `denoise()` is a pure function of (latents, timestep, conditions) that returns the
+full-length noise prediction; the sampler loop in `__call__` never knows about windows.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, ControlNetModel, DiffusionPipeline, UNet2DConditionModel, UNetMotionModel
+from diffusers.loaders import FromSingleFileMixin, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
+from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D, MotionAdapter
+from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
+from diffusers.utils import BaseOutput, logging
+from diffusers.utils.torch_utils import randn_tensor
+from diffusers.video_processor import VideoProcessor
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from diffutoon.scheduling import DiffutoonDDIMScheduler, ddim_step, diffutoon_timesteps  # noqa: F401 (re-exported)
+
+logger = logging.get_logger(__name__)
+
+DEFAULT_PROMPT = "best quality, perfect anime illustration, light, a girl is dancing, smile, solo"
+DEFAULT_NEGATIVE_PROMPT = "verybadimagenegative_v1.3"
+HUB_MODELS = {
+    "base": "stable-diffusion-v1-5/stable-diffusion-v1-5",  # any SD1.5 checkpoint; the paper's is an anime one
+    "motion_adapter": "guoyww/animatediff-motion-adapter-v1-5-2",
+    "lineart": "lllyasviel/control_v11p_sd15_lineart",
+    "tile": "lllyasviel/control_v11f1e_sd15_tile",
+    "annotators": "lllyasviel/Annotators",
+}
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from diffusers import DiffusionPipeline, ControlNetModel, MotionAdapter
+        >>> from diffusers.utils import export_to_video, load_video
+
+        >>> adapter = MotionAdapter.from_pretrained("guoyww/animatediff-motion-adapter-v1-5-2")
+        >>> controlnets = [ControlNetModel.from_pretrained("lllyasviel/control_v11p_sd15_lineart"),
+        ...                ControlNetModel.from_pretrained("lllyasviel/control_v11f1e_sd15_tile")]
+        >>> pipe = DiffusionPipeline.from_pretrained(
+        ...     "path/to/an/sd15/anime/checkpoint", motion_adapter=adapter, controlnet=controlnets,
+        ...     custom_pipeline="path/to/pipeline_diffutoon.py", trust_remote_code=True,
+        ...     torch_dtype=torch.float16,
+        ... ).to("cuda")
+        >>> pipe.load_textual_inversion("path/to/verybadimagenegative_v1.3.pt", token="verybadimagenegative_v1.3")
+        >>> video = load_video("dance.mp4")  # list of PIL images
+        >>> frames = pipe(video=video, prompt="best quality, perfect anime illustration, a girl is dancing",
+        ...               negative_prompt="verybadimagenegative_v1.3", height=1024, width=1024).frames[0]
+        >>> export_to_video(frames, "toon.mp4", fps=30)
+        ```
+"""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The paper's equations, one small function each
+
+
+def sliding_windows(num_frames: int, context_length: int, context_stride: int) -> list[tuple[int, int]]:
+    """Paper eq. 2: half-open windows [l, min(l + d, N)) starting at 0, s, 2s, ...; stop after the first window that
+    reaches frame N. The last window may be short and is not shifted back.
+
+    >>> sliding_windows(30, 16, 8)
+    [(0, 16), (8, 24), (16, 30)]
+    """
+    windows = []
+    for start in range(0, num_frames, context_stride):
+        windows.append((start, min(start + context_length, num_frames)))
+        if start + context_length >= num_frames:
+            break
+    return windows
+
+
+def window_weights(start: int, end: int) -> torch.Tensor:
+    """Paper eq. 5 as the reference computes it, for the frames of window [start, end):
+    w(i) = max(1 - |i - (l + r - 1) / 2| / ((r - l - 1 + 0.01) / 2), 0.01).
+    """
+    i = torch.arange(start, end, dtype=torch.float64)
+    centre, half_width = (start + end - 1) / 2, (end - start - 1 + 0.01) / 2
+    return torch.clamp(1 - (i - centre).abs() / half_width, min=0.01).float()
+
+
+def window_blend_weights(windows: list[tuple[int, int]], num_frames: int) -> list[torch.Tensor]:
+    """Paper eq. 4's coefficients w(l, i, r) / sum over windows w(l', i, r'), one tensor per window.
+
+    Normalising before the sum makes a frame covered by one window get exactly that window's prediction.
+    """
+    total = torch.zeros(num_frames)
+    for start, end in windows:
+        total[start:end] += window_weights(start, end)
+    return [window_weights(start, end) / total[start:end] for start, end in windows]
+
+
+def classifier_free_guidance(noise_neg: torch.Tensor, noise_pos: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Paper eq. 6 (as in the reference and diffusers): e = e_neg + g (e_pos - e_neg)."""
+    return noise_neg + guidance_scale * (noise_pos - noise_neg)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model plumbing
+
+
+class _PerFrameGroupNorm(torch.nn.GroupNorm):
+    """GroupNorm over (B, C, F, H, W) with statistics per frame, as AnimateDiff and the reference compute it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 5:
+            return super().forward(x)
+        b, c, f, h, w = x.shape
+        y = F.group_norm(x.transpose(1, 2).reshape(b * f, c, h, w), self.num_groups, self.weight, self.bias, self.eps)
+        return y.reshape(b, f, c, h, w).transpose(1, 2)
+
+
+@contextmanager
+def per_frame_motion_groupnorm(unet: torch.nn.Module, enabled: bool = True):
+    """Make the motion modules' GroupNorm normalise each frame on its own (SPEC "Motion modules") for a block of code.
+
+    diffusers' `AnimateDiffTransformer3D` normalises over all frames of the call; the swap changes only `forward`
+    (same parameters, same state dict) and is undone on exit.
+    """
+    norms = [m.norm for m in unet.modules() if isinstance(m, AnimateDiffTransformer3D)] if enabled else []
+    originals = [norm.__class__ for norm in norms]
+    for norm in norms:
+        norm.__class__ = _PerFrameGroupNorm
+    try:
+        yield
+    finally:
+        for norm, cls in zip(norms, originals):
+            norm.__class__ = cls
+
+
+def _motion_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    blocks = [*model.down_blocks, *model.up_blocks]
+    if getattr(model, "mid_block", None) is not None and hasattr(model.mid_block, "motion_modules"):
+        blocks.append(model.mid_block)
+    return blocks
+
+
+def unet_motion_from_unet2d(unet: UNet2DConditionModel, motion_adapter: MotionAdapter) -> UNetMotionModel:
+    """diffusers' `UNetMotionModel.from_unet2d` without copying: the result shares every tensor with `unet` and
+    `motion_adapter`, so a loaded pipeline holds one copy of the UNet weights."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        motion_unet = UNetMotionModel.from_unet2d(unet, motion_adapter, load_weights=False)
+    state = dict(unet.state_dict())
+    adapter_blocks = _motion_blocks(motion_adapter)
+    for target, source in zip(_motion_blocks(motion_unet), adapter_blocks):
+        prefix = next(n for n, m in motion_unet.named_modules() if m is target)
+        for key, value in source.motion_modules.state_dict().items():
+            state[f"{prefix}.motion_modules.{key}"] = value
+    missing, unexpected = motion_unet.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:  # an architecture this shortcut does not know: fall back to diffusers' copy
+        logger.warning(f"Copying the UNet into UNetMotionModel (missing {missing[:3]}, unexpected {unexpected[:3]}).")
+        return UNetMotionModel.from_unet2d(unet, motion_adapter)
+    # non-persistent buffers (e.g. positional encodings) are not in state dicts: share them too
+    for target, source in zip(_motion_blocks(motion_unet), adapter_blocks):
+        for (name, buf), (_, src) in zip(target.motion_modules.named_buffers(), source.motion_modules.named_buffers()):
+            owner, attr = _owner(target.motion_modules, name)
+            setattr(owner, attr, src)
+    return motion_unet.eval()
+
+
+def _owner(module: torch.nn.Module, dotted: str):
+    *path, attr = dotted.split(".")
+    for part in path:
+        module = getattr(module, part)
+    return module, attr
+
+
+def _video_to_uint8(video) -> torch.Tensor:
+    """List of PIL images, uint8 array (N, H, W, 3), or tensor -> uint8 tensor (N, 3, H, W) on the host.
+
+    Float arrays/tensors are read as values in [0, 1]; tensors may be (N, 3, H, W) or (N, H, W, 3).
+    """
+    if isinstance(video, PIL.Image.Image):
+        video = [video]
+    if isinstance(video, (list, tuple)):
+        if len(video) == 0:
+            raise ValueError("`video` is empty: pass at least one frame.")
+        if isinstance(video[0], PIL.Image.Image):
+            sizes = {frame.size for frame in video}
+            if len(sizes) > 1:
+                raise ValueError(f"All frames of `video` must have the same size, got {sorted(sizes)}: resize them first.")
+            video = np.stack([np.asarray(frame.convert("RGB")) for frame in video])
+        else:
+            video = np.stack([np.asarray(frame) for frame in video])
+    channels_last = isinstance(video, np.ndarray)  # arrays are (N, H, W, 3); tensors may be either
+    if channels_last:
+        video = torch.from_numpy(np.ascontiguousarray(video))
+    if not isinstance(video, torch.Tensor):
+        raise ValueError(f"`video` must be a list of PIL images, a uint8 array (N, H, W, 3) or a tensor, got {type(video)}.")
+    if video.ndim == 3:
+        video = video[None]
+    if video.ndim != 4 or video.shape[0] == 0:
+        raise ValueError(f"`video` must hold N >= 1 frames as (N, H, W, 3) or (N, 3, H, W), got shape {tuple(video.shape)}.")
+    if channels_last or (video.shape[1] != 3 and video.shape[-1] == 3):
+        video = video.permute(0, 3, 1, 2)
+    if video.shape[1] != 3:
+        raise ValueError(f"`video` frames must be RGB with 3 channels, got shape {tuple(video.shape)}.")
+    if video.dtype != torch.uint8:
+        video = (video.float().clamp(0, 1) * 255).round().to(torch.uint8)
+    return video.contiguous().cpu()
+
+
+def _resize_uint8(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Centre-crop to the target aspect ratio, then resize (the reference's crop_and_resize, PIL Lanczos)."""
+    n, _, h, w = frames.shape
+    if (h, w) == (height, width):
+        return frames
+    scale = max(height / h, width / w)
+    crop_h, crop_w = round(height / scale), round(width / scale)
+    top, left = (h - crop_h) // 2, (w - crop_w) // 2
+    out = torch.empty((n, 3, height, width), dtype=torch.uint8)
+    for i in range(n):
+        image = PIL.Image.fromarray(frames[i, :, top : top + crop_h, left : left + crop_w].permute(1, 2, 0).numpy())
+        out[i] = torch.from_numpy(np.asarray(image.resize((width, height), PIL.Image.LANCZOS))).permute(2, 0, 1)
+    return out
+
+
+@dataclass
+class DiffutoonConditions:
+    """Everything the denoiser needs besides latents and timestep, for one video, kept on the host.
+
+    Explicit per-video state: a render can be resumed or split over devices from (latents, timestep, this).
+    """
+
+    prompt_embeds: torch.Tensor  # (1, L, D)
+    negative_prompt_embeds: torch.Tensor | None  # (1, L, D); None without classifier-free guidance
+    control_frames: list[torch.Tensor]  # one uint8 (N, 3, H, W) per ControlNet
+    control_scales: list[float]
+    guidance_scale: float = 7.0
+    context_length: int = 16
+    context_stride: int = 8
+    batch_cfg: bool = True  # both CFG branches in one UNet batch per window
+    cross_attention_kwargs: dict | None = None
+    windows: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self.negative_prompt_embeds is not None
+
+
+@dataclass
+class DiffutoonPipelineOutput(BaseOutput):
+    """`frames[0]` is the rendered video (list of PIL images, array (N, H, W, 3) in [0, 1], or tensor
+    (N, 3, H, W)); `color_frames` the editing branch's colour video when one was made, else None."""
+
+    frames: Any
+    color_frames: Any = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class DiffutoonPipeline(
+    DiffusionPipeline,
+    StableDiffusionMixin,
+    TextualInversionLoaderMixin,
+    StableDiffusionLoraLoaderMixin,
+    FromSingleFileMixin,
+):
+    r"""Diffutoon's toon shading of a whole video: SD1.5 UNet + AnimateDiff motion modules + ControlNets
+    (lineart for outlines, tile for colour), denoised with sliding windows over the whole video.
+
+    Args:
+        vae ([`AutoencoderKL`]), text_encoder ([`CLIPTextModel`]), tokenizer ([`CLIPTokenizer`]):
+            Stable Diffusion 1.5's.
+        unet ([`UNet2DConditionModel`] or [`UNetMotionModel`]): a 2D UNet is joined with `motion_adapter`
+            without copying its weights.
+        motion_adapter ([`MotionAdapter`], *optional*): AnimateDiff motion modules; not kept once joined.
+        controlnet: one [`ControlNetModel`], a list of them, or a [`MultiControlNetModel`].
+        scheduler: [`DiffutoonDDIMScheduler`] (the reference's DDIM) by default; any diffusers scheduler works.
+        controlnet_conditions (`str`, defaults to `"lineart,tile"`): what each ControlNet is conditioned on when
+            `conditioning_frames` does not say: `"lineart"` (controlnet-aux LineartDetector on the video) or
+            `"tile"` (the video itself).
+    """
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+    _optional_components = ["motion_adapter"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: UNet2DConditionModel | UNetMotionModel,
+        controlnet: ControlNetModel | list[ControlNetModel] | tuple[ControlNetModel] | MultiControlNetModel,
+        scheduler,
+        motion_adapter: MotionAdapter | None = None,
+        controlnet_conditions: str = "lineart,tile",
+    ):
+        super().__init__()
+        if isinstance(unet, UNet2DConditionModel):
+            if motion_adapter is None:
+                raise ValueError("A 2D `unet` needs a `motion_adapter` (e.g. guoyww/animatediff-motion-adapter-v1-5-2).")
+            unet = unet_motion_from_unet2d(unet, motion_adapter)
+        if isinstance(controlnet, (list, tuple)):
+            controlnet = MultiControlNetModel(list(controlnet))
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                              controlnet=controlnet, scheduler=scheduler, motion_adapter=None)
+        self.register_to_config(controlnet_conditions=controlnet_conditions)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if getattr(self, "vae", None) else 8
+        self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor)
+        self._lineart_detector = None
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Loading
+
+    @classmethod
+    def from_models(cls, base: str, motion_adapter: str = HUB_MODELS["motion_adapter"],
+                    controlnets: list[str] = (HUB_MODELS["lineart"], HUB_MODELS["tile"]), torch_dtype=None, **kwargs):
+        """Assemble the pipeline from Hub ids or local paths: an SD1.5 `base` (diffusers folder or a single
+        .safetensors/.ckpt file), the motion adapter and the ControlNets (lineart first, tile second by default).
+        `torch_dtype` defaults to float16 on CUDA, float32 otherwise."""
+        import os
+
+        if torch_dtype is None:
+            torch_dtype = torch.float16 if torch.cuda.is_available() else torch.float32
+        load = dict(dtype=torch_dtype, **{k: kwargs.pop(k) for k in ("cache_dir", "local_files_only", "token", "revision") if k in kwargs})
+
+        def controlnet_from(path):
+            if os.path.isfile(path):
+                return ControlNetModel.from_single_file(path, **load)
+            return ControlNetModel.from_pretrained(path, **load)
+
+        adapter = MotionAdapter.from_pretrained(motion_adapter, **load)
+        nets = [controlnet_from(path) for path in controlnets]
+        parts = dict(motion_adapter=adapter, controlnet=nets, scheduler=DiffutoonDDIMScheduler(), **kwargs)
+        if os.path.isfile(base):
+            return cls.from_single_file(base, **parts, **load)
+        return cls.from_pretrained(base, **parts, **load)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Text
+
+    def encode_prompt(self, prompt: str, device: torch.device, clip_skip: int | None = None) -> torch.Tensor:
+        """CLIP text embedding (1, 77 k, D) of one prompt, with textual-inversion keywords expanded.
+
+        `clip_skip=1` takes the penultimate layer, followed by the final layer norm (A1111 "clip skip 2").
+        Prompts longer than 77 tokens are split into 77-token chunks whose encodings are concatenated, as
+        the reference does.
+        """
+        prompt = self.maybe_convert_prompt(prompt, self.tokenizer)
+        ids = self.tokenizer(prompt, truncation=False, add_special_tokens=False).input_ids
+        per_chunk = self.tokenizer.model_max_length - 2
+        chunks = [ids[i : i + per_chunk] for i in range(0, max(len(ids), 1), per_chunk)] or [[]]
+        bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
+        rows = [[bos, *chunk, eos] + [pad] * (per_chunk - len(chunk)) for chunk in chunks]
+        input_ids = torch.tensor(rows, device=device)
+        text_model = getattr(self.text_encoder, "text_model", self.text_encoder)  # transformers < 5.6 wraps it
+        if clip_skip:
+            hidden = self.text_encoder(input_ids, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
+            embeds = text_model.final_layer_norm(hidden)
+        else:
+            embeds = self.text_encoder(input_ids)[0]
+        return embeds.reshape(1, -1, embeds.shape[-1]).to(dtype=self.unet.dtype)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Conditions
+
+    @property
+    def controlnets(self) -> list[ControlNetModel]:
+        return list(self.controlnet.nets) if isinstance(self.controlnet, MultiControlNetModel) else [self.controlnet]
+
+    def load_lineart_detector(self):
+        """controlnet-aux's `LineartDetector` (the fine model), loaded once on first use."""
+        if self._lineart_detector is None:
+            from controlnet_aux import LineartDetector
+
+            self._lineart_detector = LineartDetector.from_pretrained(HUB_MODELS["annotators"]).to(self._execution_device)
+        return self._lineart_detector
+
+    def detect_lineart(self, frames: torch.Tensor, detector=None) -> torch.Tensor:
+        """Lineart of uint8 frames (N, 3, H, W) at their own resolution, as the reference's annotator calls it."""
+        detector = detector or self.load_lineart_detector()
+        n, _, h, w = frames.shape
+        out = torch.empty_like(frames)
+        for i in self._bar(range(n), desc="lineart"):
+            image = PIL.Image.fromarray(frames[i].permute(1, 2, 0).numpy())
+            result = detector(image, detect_resolution=min(h, w), image_resolution=min(h, w)).convert("RGB")
+            out[i] = torch.from_numpy(np.asarray(result.resize((w, h)))).permute(2, 0, 1)
+        return out
+
+    def prepare_control_frames(self, video: torch.Tensor, conditioning_frames, height: int, width: int,
+                               lineart_detector=None) -> list[torch.Tensor]:
+        """uint8 (N, 3, H, W) condition frames per ControlNet: the user's, or made by the configured processor."""
+        kinds = self.config.controlnet_conditions.split(",")
+        out = []
+        for i, kind in enumerate(kinds):
+            given = conditioning_frames[i] if conditioning_frames is not None else None
+            if given is not None:
+                out.append(_resize_uint8(_video_to_uint8(given), height, width))
+            elif kind == "tile":
+                out.append(video)
+            elif kind == "lineart":
+                out.append(self.detect_lineart(video, lineart_detector))
+            else:
+                raise ValueError(f"ControlNet {i} is conditioned on {kind!r}: pass its frames in `conditioning_frames`.")
+        return out
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The denoiser: a pure function of (latents, timestep, conditions)
+
+    def _window_noise_pred(self, latents: torch.Tensor, t, cond: DiffutoonConditions, start: int, end: int) -> torch.Tensor:
+        """The whole denoiser on frames [start, end): ControlNets + UNet + motion modules, CFG included (eq. 3, 6).
+        `latents` is the window (1, C, F, h, w) on the execution device; returns the guided prediction."""
+        if not cond.do_classifier_free_guidance:
+            return self._branch_noise_pred(latents, t, cond.prompt_embeds, cond, start, end)
+        if cond.batch_cfg:
+            both = torch.cat([cond.negative_prompt_embeds, cond.prompt_embeds])
+            noise_neg, noise_pos = self._branch_noise_pred(latents.expand(2, -1, -1, -1, -1), t, both, cond, start, end).chunk(2)
+        else:
+            noise_neg = self._branch_noise_pred(latents, t, cond.negative_prompt_embeds, cond, start, end)
+            noise_pos = self._branch_noise_pred(latents, t, cond.prompt_embeds, cond, start, end)
+        return classifier_free_guidance(noise_neg, noise_pos, cond.guidance_scale)
+
+    def _branch_noise_pred(self, latents, t, embeds, cond, start, end):
+        """One UNet call on a batch of B windows (B = CFG branches); each ControlNet gets its branch's embedding."""
+        device, dtype = latents.device, self.unet.dtype
+        b, c, f, h, w = latents.shape
+        embeds = embeds.to(device, dtype).repeat_interleave(f, dim=0)  # (B F, L, D): per frame, branch-major
+        frames_latents = latents.transpose(1, 2).reshape(b * f, c, h, w)
+        down, mid = None, None
+        for net, frames, scale in zip(self.controlnets, cond.control_frames, cond.control_scales):
+            image = (frames[start:end].to(device).to(dtype) / 255).repeat(b, 1, 1, 1)
+            d, m = net(frames_latents, t, encoder_hidden_states=embeds, controlnet_cond=image,
+                       conditioning_scale=scale, return_dict=False)
+            down = d if down is None else [x + y for x, y in zip(down, d)]
+            mid = m if mid is None else mid + m
+        return self.unet(latents, t, encoder_hidden_states=embeds, cross_attention_kwargs=cond.cross_attention_kwargs,
+                         down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+
+    def denoise_windows(self, latents: torch.Tensor, t, cond: DiffutoonConditions, windows=None,
+                        progress_bar=None) -> torch.Tensor:
+        """Sum over `windows` (default: all) of eq. 4's normalised weights times each window's prediction,
+        float32 on the host. Summing the results of disjoint window sets (e.g. across devices) gives `denoise`."""
+        all_windows = cond.windows
+        weights = dict(zip(all_windows, window_blend_weights(all_windows, latents.shape[2])))
+        total = torch.zeros(latents.shape, dtype=torch.float32)
+        device = self._execution_device
+        for start, end in all_windows if windows is None else windows:
+            window = latents[:, :, start:end].to(device, self.unet.dtype)
+            noise = self._window_noise_pred(window, t, cond, start, end)
+            total[:, :, start:end] += weights[(start, end)].view(1, 1, -1, 1, 1) * noise.float().cpu()
+            if progress_bar is not None:
+                progress_bar.update()
+        return total
+
+    def denoise(self, latents: torch.Tensor, t, cond: DiffutoonConditions, progress_bar=None) -> torch.Tensor:
+        """The full-length noise prediction (1, C, N, h, w) for the whole video at timestep `t` (eqs. 3-7)."""
+        return self.denoise_windows(latents, t, cond, progress_bar=progress_bar)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # VAE
+
+    @torch.no_grad()
+    def encode_video(self, frames: torch.Tensor, chunk_size: int = 8) -> torch.Tensor:
+        """Posterior mean times the scaling factor of uint8 frames (N, 3, H, W) -> (1, 4, N, h, w) on the host."""
+        device, dtype = self._execution_device, self.vae.dtype
+        out = []
+        for i in range(0, frames.shape[0], chunk_size):
+            pixels = frames[i : i + chunk_size].to(device).to(dtype) / 127.5 - 1
+            out.append(self.vae.encode(pixels).latent_dist.mean.float().cpu() * self.vae.config.scaling_factor)
+        return torch.cat(out).transpose(0, 1)[None]
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor, decode_chunk_size: int = 8, output_type: str = "pil"):
+        """Decode (1, C, N, h, w) host latents a chunk of frames at a time into `output_type` frames."""
+        device, dtype = self._execution_device, self.vae.dtype
+        chunks = []
+        for i in self._bar(range(0, latents.shape[2], decode_chunk_size), desc="decoding"):
+            z = latents[0, :, i : i + decode_chunk_size].transpose(0, 1).to(device, dtype) / self.vae.config.scaling_factor
+            pixels = self.vae.decode(z).sample.float()  # (n, 3, H, W) in [-1, 1]
+            chunks.append(self.video_processor.postprocess(pixels, output_type="pt" if output_type == "pt" else "np"))
+        if output_type == "pil":
+            return [PIL.Image.fromarray(frame) for chunk in chunks for frame in (chunk * 255).round().astype("uint8")]
+        if output_type == "pt":
+            return torch.cat([c.cpu() for c in chunks])
+        return np.concatenate(chunks)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Checks
+
+    def check_inputs(self, video: torch.Tensor, prompt, negative_prompt, height, width, num_inference_steps,
+                     guidance_scale, context_length, context_stride, controlnet_conditioning_scale,
+                     conditioning_frames, strength, output_type, callback_on_step_end_tensor_inputs, latents):
+        """Every cheap check, before any model runs; each error says what to change."""
+        n = video.shape[0]
+        if height % 8 or width % 8 or height <= 0 or width <= 0:
+            raise ValueError(f"height and width must be positive multiples of 8, got {height}x{width}: "
+                             f"try {max(8, height // 8 * 8)}x{max(8, width // 8 * 8)}.")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}.")
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1] (1 starts from pure noise), got {strength}.")
+        if context_stride <= 0 or context_stride >= context_length:
+            raise ValueError(f"context_stride must satisfy 0 < context_stride < context_length "
+                             f"(got stride {context_stride}, length {context_length}): windows must overlap.")
+        limit = self.unet.config.get("motion_max_seq_length", 32)
+        if context_length > limit:
+            raise ValueError(f"context_length {context_length} exceeds the motion modules' positional limit of {limit} "
+                             f"frames: use context_length <= {limit}.")
+        for name, value in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+            if value is not None and not isinstance(value, str) and not (
+                    isinstance(value, (list, tuple)) and len(value) == 1 and isinstance(value[0], str)):
+                raise ValueError(f"`{name}` must be a string or a list of one string (one video per call), got "
+                                 f"{type(value).__name__} of length {len(value) if hasattr(value, '__len__') else '?'}.")
+        if prompt is None:
+            raise ValueError("`prompt` is required: e.g. 'best quality, perfect anime illustration'.")
+        num_nets = len(self.controlnets)
+        kinds = self.config.controlnet_conditions.split(",")
+        if len(kinds) != num_nets:
+            raise ValueError(f"controlnet_conditions {self.config.controlnet_conditions!r} names {len(kinds)} conditions "
+                             f"for {num_nets} ControlNets: name one per ControlNet.")
+        scales = controlnet_conditioning_scale
+        if isinstance(scales, (list, tuple)) and len(scales) != num_nets:
+            raise ValueError(f"controlnet_conditioning_scale has {len(scales)} values for {num_nets} ControlNets.")
+        if conditioning_frames is not None:
+            if not isinstance(conditioning_frames, (list, tuple)) or len(conditioning_frames) != num_nets:
+                raise ValueError(f"conditioning_frames must be a list with one entry (frames or None) per ControlNet "
+                                 f"({num_nets}), in the order {kinds}.")
+            for kind, frames in zip(kinds, conditioning_frames):
+                if frames is not None and len(frames) != n:
+                    raise ValueError(f"conditioning_frames for '{kind}' has {len(frames)} frames, the video {n}: "
+                                     f"pass one condition frame per video frame.")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
+        unknown = set(callback_on_step_end_tensor_inputs or []) - set(self._callback_tensor_inputs)
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs {sorted(unknown)} not in {self._callback_tensor_inputs}.")
+        if latents is not None:
+            expected = (1, self.unet.config.in_channels, n, height // self.vae_scale_factor, width // self.vae_scale_factor)
+            if tuple(latents.shape) != expected:
+                raise ValueError(f"latents must have shape {expected} (1, C, frames, h, w), got {tuple(latents.shape)}.")
+
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _bar(self, iterable=None, total=None, desc=None):
+        """diffusers' progress bar (honours `set_progress_bar_config`) with a label."""
+        from tqdm.auto import tqdm
+
+        config = {"desc": desc, **getattr(self, "_progress_bar_config", {})}
+        return tqdm(iterable, total=total, **config)
+
+    @property
+    def interrupt(self):
+        return getattr(self, "_interrupt", False)
+
+    @property
+    def num_timesteps(self):
+        return self._num_timesteps
+
+    def _timesteps(self, num_inference_steps: int, strength: float, device) -> torch.Tensor:
+        """The reference list for `DiffutoonDDIMScheduler`; diffusers' img2img convention for other schedulers."""
+        if "strength" in inspect.signature(self.scheduler.set_timesteps).parameters:
+            self.scheduler.set_timesteps(num_inference_steps, strength=strength)
+            return self.scheduler.timesteps
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
+        timesteps = self.scheduler.timesteps[start * self.scheduler.order :]
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(start * self.scheduler.order)
+        if len(timesteps) == 0:
+            raise ValueError(f"strength {strength} leaves no step of {num_inference_steps}: raise either.")
+        return timesteps
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        video=None,
+        prompt: str | list[str] = DEFAULT_PROMPT,
+        negative_prompt: str | list[str] | None = "",
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 10,
+        guidance_scale: float = 7.0,
+        context_length: int = 16,
+        context_stride: int = 8,
+        controlnet_conditioning_scale: float | list[float] = 0.5,
+        conditioning_frames: list | None = None,
+        clip_skip: int | None = 1,
+        strength: float = 1.0,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        decode_chunk_size: int = 8,
+        lineart_detector=None,
+        motion_groupnorm: str = "per_frame",
+        batch_cfg: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+    ):
+        r"""Render `video` in the toon style.
+
+        Args:
+            video: the input video: list of PIL images, uint8 array (N, H, W, 3), or tensor (uint8, or float in [0, 1]).
+            prompt / negative_prompt: one string each. The reference's negative prompt is the textual inversion
+                `verybadimagenegative_v1.3` (load it with `load_textual_inversion`).
+            height, width: output size (multiples of 8); defaults to the video's. Frames are centre-cropped and resized.
+            num_inference_steps (10), guidance_scale (7.0): DDIM steps and CFG scale g of eq. 6.
+            context_length (16), context_stride (8): the sliding windows of eq. 2 (window d, stride s).
+            controlnet_conditioning_scale (0.5): one value or one per ControlNet.
+            conditioning_frames: one entry per ControlNet: frames you computed, or None for the default
+                (`controlnet_conditions`: lineart from controlnet-aux's LineartDetector, tile = the video itself).
+            clip_skip (1): 1 is the A1111 "clip skip 2" (penultimate CLIP layer + final layer norm); None: last layer.
+            strength (1.0): 1 starts from pure noise (the reference); < 1 starts from the noised video (img2img).
+            generator, latents: the initial noise, shape (1, 4, N, H/8, W/8), drawn on the host.
+            output_type: "pil", "np", "pt" or "latent". return_dict: a `DiffutoonPipelineOutput` or a tuple.
+            callback_on_step_end, callback_on_step_end_tensor_inputs: as in diffusers.
+            decode_chunk_size (8): frames per VAE decode call.
+            lineart_detector: a callable (PIL -> PIL) such as controlnet-aux's `LineartDetector`; loaded lazily if needed.
+            motion_groupnorm ("per_frame"): the reference's per-frame GroupNorm in the motion modules, or
+                "diffusers" for diffusers' GroupNorm over all frames of a window.
+            batch_cfg (True): run both CFG branches in one UNet batch per window (False: half the activation memory).
+            cross_attention_kwargs: passed to the UNet's attention processors (e.g. {"scale": 0.7} for LoRA).
+
+        Examples:
+        """
+        # 0. Inputs to host uint8 frames; defaults from the video
+        video = _video_to_uint8(video) if video is not None else None
+        if video is None:
+            raise ValueError("`video` is required: a list of PIL images or a uint8 array (N, H, W, 3).")
+        height = height or video.shape[2]
+        width = width or video.shape[3]
+        if motion_groupnorm not in ("per_frame", "diffusers"):
+            raise ValueError(f"motion_groupnorm must be 'per_frame' or 'diffusers', got {motion_groupnorm!r}.")
+
+        # 1. Check inputs before any model runs
+        self.check_inputs(video, prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
+                          context_length, context_stride, controlnet_conditioning_scale, conditioning_frames, strength,
+                          output_type, callback_on_step_end_tensor_inputs, latents)
+        prompt = prompt if isinstance(prompt, str) else prompt[0]
+        negative_prompt = "" if negative_prompt is None else negative_prompt if isinstance(negative_prompt, str) else negative_prompt[0]
+        num_frames = video.shape[0]
+        device = self._execution_device
+        self._interrupt = False
+
+        # 2. Condition frames on the host, uint8, at the output resolution
+        video = _resize_uint8(video, height, width)
+        control_frames = self.prepare_control_frames(video, conditioning_frames, height, width, lineart_detector)
+        scales = controlnet_conditioning_scale
+        scales = list(scales) if isinstance(scales, (list, tuple)) else [scales] * len(self.controlnets)
+
+        # 3. Text embeddings (the negative one only with guidance)
+        do_cfg = guidance_scale > 1
+        prompt_embeds = self.encode_prompt(prompt, device, clip_skip).cpu()
+        negative_prompt_embeds = self.encode_prompt(negative_prompt, device, clip_skip).cpu() if do_cfg else None
+        if do_cfg and batch_cfg and prompt_embeds.shape[1] != negative_prompt_embeds.shape[1]:
+            empty = self.encode_prompt("", device, clip_skip).cpu()
+            prompt_embeds, negative_prompt_embeds = _pad_chunks(prompt_embeds, negative_prompt_embeds, empty)
+        windows = sliding_windows(num_frames, context_length, context_stride)
+        cond = DiffutoonConditions(prompt_embeds, negative_prompt_embeds, control_frames, scales, guidance_scale,
+                                   context_length, context_stride, batch_cfg, cross_attention_kwargs, windows)
+
+        # 4. Timesteps
+        timesteps = self._timesteps(num_inference_steps, strength, device)
+        self._num_timesteps = len(timesteps)
+
+        # 5. Initial latents on the host: pure noise, or the noised video for strength < 1
+        shape = (1, self.unet.config.in_channels, num_frames, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is None:
+            noise_device = generator.device if isinstance(generator, torch.Generator) else torch.device("cpu")
+            latents = randn_tensor(shape, generator=generator, device=noise_device, dtype=torch.float32).cpu()
+        latents = latents.float().cpu() * self.scheduler.init_noise_sigma
+        if strength < 1:
+            latents = self.scheduler.add_noise(self.encode_video(video, decode_chunk_size), latents, timesteps[:1])
+
+        # 6. Denoising loop: the sampler sees only full-length latents and noise predictions
+        with per_frame_motion_groupnorm(self.unet, motion_groupnorm == "per_frame"), \
+                self._bar(total=len(timesteps) * len(windows), desc="denoising (steps x windows)") as bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                noise_pred = self.denoise(latents, t, cond, progress_bar=bar)
+                latents = self.scheduler.step(noise_pred, t, latents).prev_sample.float()
+                if callback_on_step_end is not None:
+                    tensors = {"latents": latents, "prompt_embeds": cond.prompt_embeds,
+                               "negative_prompt_embeds": cond.negative_prompt_embeds}
+                    outputs = callback_on_step_end(self, i, t, {k: tensors[k] for k in callback_on_step_end_tensor_inputs})
+                    latents = outputs.pop("latents", latents)
+                    cond.prompt_embeds = outputs.pop("prompt_embeds", cond.prompt_embeds)
+                    cond.negative_prompt_embeds = outputs.pop("negative_prompt_embeds", cond.negative_prompt_embeds)
+
+        # 7. Decode a chunk at a time
+        frames = latents if output_type == "latent" else self.decode_latents(latents, decode_chunk_size, output_type)
+        self.maybe_free_model_hooks()
+        if output_type == "np":
+            frames = frames[None]
+        elif output_type == "pt":
+            frames = frames[None]
+        else:
+            frames = [frames] if output_type == "pil" else frames
+        if not return_dict:
+            return (frames,)
+        return DiffutoonPipelineOutput(frames=frames)
+
+
+def _pad_chunks(a: torch.Tensor, b: torch.Tensor, empty: torch.Tensor):
+    """Give two chunked embeddings the same number of 77-token chunks by appending empty-prompt chunks."""
+    chunks = max(a.shape[1], b.shape[1]) // empty.shape[1]
+
+    def pad(x):
+        extra = chunks - x.shape[1] // empty.shape[1]
+        return torch.cat([x, empty.repeat(1, extra, 1)], dim=1) if extra else x
+
+    return pad(a), pad(b)
+
+
+DiffutoonPipeline.__call__.__doc__ = DiffutoonPipeline.__call__.__doc__.replace("Examples:\n", "Examples:\n" + EXAMPLE_DOC_STRING)

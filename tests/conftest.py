@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny random-weight components, built once per session, never downloaded."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the suite must never reach the Hub
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    """A tiny `DiffutoonPipeline` shared by tests that do not change it (build your own to mutate one)."""
+    from diffutoon.tiny import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def make_video(num_frames: int, size: int = 32, seed: int = 0) -> np.ndarray:
+    """A smooth moving pattern as uint8 (N, H, W, 3): structured enough for the annotators, cheap to make."""
+    y, x = np.mgrid[0:size, 0:size] / size
+    frames = []
+    for t in range(num_frames):
+        phase = 2 * np.pi * (t / max(num_frames, 1) + seed * 0.1)
+        r = np.sin(6 * x + phase) * 0.5 + 0.5
+        g = np.cos(5 * y - phase) * 0.5 + 0.5
+        b = np.sin(4 * (x + y) + 2 * phase) * 0.5 + 0.5
+        frames.append(np.stack([r, g, b], -1))
+    return (np.stack(frames) * 255).round().astype(np.uint8)
+
+
+@pytest.fixture
+def video():
+    return make_video(10)
