@@ -44,7 +44,11 @@ HUB_MODELS = {
     "lineart": "lllyasviel/control_v11p_sd15_lineart",
     "tile": "lllyasviel/control_v11f1e_sd15_tile",
     "annotators": "lllyasviel/Annotators",
+    "softedge": "lllyasviel/control_v11p_sd15_softedge",
+    "depth": "lllyasviel/control_v11f1p_sd15_depth",
 }
+FASTBLEND_DEFAULTS = dict(mode="fast", window_size=60, batch_size=8, minimum_patch_size=5, num_iter=5, guide_weight=10.0)
+ANNOTATORS = {"lineart": "LineartDetector", "softedge": "HEDdetector", "depth": "MidasDetector"}  # controlnet-aux
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -147,6 +151,28 @@ def per_frame_motion_groupnorm(unet: torch.nn.Module, enabled: bool = True):
             norm.__class__ = cls
 
 
+class _SkipMotion(torch.nn.Module):
+    """Stands in for a motion module: the frames go through untouched (the UNet acts as the 2D SD UNet)."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+@contextmanager
+def without_motion_modules(unet: UNetMotionModel):
+    """Run a `UNetMotionModel` as the plain SD UNet (the editing branch, SPEC 2): its motion modules are
+    swapped out, not called, for a block of code. Same parameters, no copy."""
+    blocks = _motion_blocks(unet)
+    saved = [block.motion_modules for block in blocks]
+    for block in blocks:
+        block.motion_modules = torch.nn.ModuleList([_SkipMotion() for _ in block.motion_modules])
+    try:
+        yield
+    finally:
+        for block, modules in zip(blocks, saved):
+            block.motion_modules = modules
+
+
 def _motion_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     blocks = [*model.down_blocks, *model.up_blocks]
     if getattr(model, "mid_block", None) is not None and hasattr(model.mid_block, "motion_modules"):
@@ -177,6 +203,10 @@ def unet_motion_from_unet2d(unet: UNet2DConditionModel, motion_adapter: MotionAd
             owner, attr = _owner(target.motion_modules, name)
             setattr(owner, attr, src)
     return motion_unet.eval()
+
+
+def _nets(controlnet) -> list[ControlNetModel]:
+    return list(controlnet.nets) if isinstance(controlnet, MultiControlNetModel) else [controlnet]
 
 
 def _owner(module: torch.nn.Module, dotted: str):
@@ -253,6 +283,8 @@ class DiffutoonConditions:
     batch_cfg: bool = True  # both CFG branches in one UNet batch per window
     cross_attention_kwargs: dict | None = None
     windows: list[tuple[int, int]] = field(default_factory=list)
+    branch: str = "main"  # "main": controlnet; "edit": edit_controlnet (the editing branch)
+    cross_frame: Any = None  # the editing branch's `attention_processors.CrossFrameState`, told each window's length
 
     @property
     def do_classifier_free_guidance(self) -> bool:
@@ -295,7 +327,7 @@ class DiffutoonPipeline(
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
-    _optional_components = ["motion_adapter"]
+    _optional_components = ["motion_adapter", "edit_controlnet"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
     def __init__(
@@ -307,7 +339,9 @@ class DiffutoonPipeline(
         controlnet: ControlNetModel | list[ControlNetModel] | tuple[ControlNetModel] | MultiControlNetModel,
         scheduler,
         motion_adapter: MotionAdapter | None = None,
+        edit_controlnet: ControlNetModel | list[ControlNetModel] | MultiControlNetModel | None = None,
         controlnet_conditions: str = "lineart,tile",
+        edit_controlnet_conditions: str = "softedge,depth",
     ):
         super().__init__()
         if isinstance(unet, UNet2DConditionModel):
@@ -316,22 +350,28 @@ class DiffutoonPipeline(
             unet = unet_motion_from_unet2d(unet, motion_adapter)
         if isinstance(controlnet, (list, tuple)):
             controlnet = MultiControlNetModel(list(controlnet))
+        if isinstance(edit_controlnet, (list, tuple)):
+            edit_controlnet = MultiControlNetModel(list(edit_controlnet))
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                              controlnet=controlnet, scheduler=scheduler, motion_adapter=None)
-        self.register_to_config(controlnet_conditions=controlnet_conditions)
+                              controlnet=controlnet, scheduler=scheduler, motion_adapter=None,
+                              edit_controlnet=edit_controlnet)
+        self.register_to_config(controlnet_conditions=controlnet_conditions,
+                                edit_controlnet_conditions=edit_controlnet_conditions)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if getattr(self, "vae", None) else 8
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor)
-        self._lineart_detector = None
+        self._annotators = {}
 
     # ------------------------------------------------------------------------------------------------------------
     # Loading
 
     @classmethod
     def from_models(cls, base: str, motion_adapter: str = HUB_MODELS["motion_adapter"],
-                    controlnets: list[str] = (HUB_MODELS["lineart"], HUB_MODELS["tile"]), torch_dtype=None, **kwargs):
+                    controlnets: list[str] = (HUB_MODELS["lineart"], HUB_MODELS["tile"]),
+                    edit_controlnets: list[str] | None = None, torch_dtype=None, **kwargs):
         """Assemble the pipeline from Hub ids or local paths: an SD1.5 `base` (diffusers folder or a single
-        .safetensors/.ckpt file), the motion adapter and the ControlNets (lineart first, tile second by default).
-        `torch_dtype` defaults to float16 on CUDA, float32 otherwise."""
+        .safetensors/.ckpt file), the motion adapter and the ControlNets (lineart first, tile second by default);
+        `edit_controlnets` (softedge, depth: `[HUB_MODELS["softedge"], HUB_MODELS["depth"]]`) enables the editing
+        branch. `torch_dtype` defaults to float16 on CUDA, float32 otherwise."""
         import os
 
         if torch_dtype is None:
@@ -346,6 +386,8 @@ class DiffutoonPipeline(
         adapter = MotionAdapter.from_pretrained(motion_adapter, **load)
         nets = [controlnet_from(path) for path in controlnets]
         parts = dict(motion_adapter=adapter, controlnet=nets, scheduler=DiffutoonDDIMScheduler(), **kwargs)
+        if edit_controlnets:
+            parts["edit_controlnet"] = [controlnet_from(path) for path in edit_controlnets]
         if os.path.isfile(base):
             return cls.from_single_file(base, **parts, **load)
         return cls.from_pretrained(base, **parts, **load)
@@ -381,31 +423,38 @@ class DiffutoonPipeline(
 
     @property
     def controlnets(self) -> list[ControlNetModel]:
-        return list(self.controlnet.nets) if isinstance(self.controlnet, MultiControlNetModel) else [self.controlnet]
+        """The main pass's ControlNets, in the order of `controlnet_conditions`."""
+        return _nets(self.controlnet)
 
-    def load_lineart_detector(self):
-        """controlnet-aux's `LineartDetector` (the fine model), loaded once on first use."""
-        if self._lineart_detector is None:
-            from controlnet_aux import LineartDetector
+    @property
+    def edit_controlnets(self) -> list[ControlNetModel]:
+        """The editing branch's ControlNets (`edit_controlnet_conditions`), or [] when none are loaded."""
+        return _nets(self.edit_controlnet) if getattr(self, "edit_controlnet", None) is not None else []
 
-            self._lineart_detector = LineartDetector.from_pretrained(HUB_MODELS["annotators"]).to(self._execution_device)
-        return self._lineart_detector
+    def load_annotator(self, kind: str):
+        """controlnet-aux's detector for `kind` (see `ANNOTATORS`) from lllyasviel/Annotators, loaded once."""
+        if kind not in self._annotators:
+            import controlnet_aux
 
-    def detect_lineart(self, frames: torch.Tensor, detector=None) -> torch.Tensor:
-        """Lineart of uint8 frames (N, 3, H, W) at their own resolution, as the reference's annotator calls it."""
-        detector = detector or self.load_lineart_detector()
+            detector = getattr(controlnet_aux, ANNOTATORS[kind]).from_pretrained(HUB_MODELS["annotators"])
+            self._annotators[kind] = detector.to(self._execution_device)
+        return self._annotators[kind]
+
+    def annotate(self, frames: torch.Tensor, kind: str, detector=None) -> torch.Tensor:
+        """`kind` condition of uint8 frames (N, 3, H, W) at their own resolution, called as the reference's
+        annotator does (detect and output at min(H, W), then resized back)."""
+        detector = detector or self.load_annotator(kind)
         n, _, h, w = frames.shape
         out = torch.empty_like(frames)
-        for i in self._bar(range(n), desc="lineart"):
+        for i in self._bar(range(n), desc=kind):
             image = PIL.Image.fromarray(frames[i].permute(1, 2, 0).numpy())
             result = detector(image, detect_resolution=min(h, w), image_resolution=min(h, w)).convert("RGB")
-            out[i] = torch.from_numpy(np.asarray(result.resize((w, h)))).permute(2, 0, 1)
+            out[i] = torch.from_numpy(np.array(result.resize((w, h)))).permute(2, 0, 1)
         return out
 
-    def prepare_control_frames(self, video: torch.Tensor, conditioning_frames, height: int, width: int,
-                               lineart_detector=None) -> list[torch.Tensor]:
-        """uint8 (N, 3, H, W) condition frames per ControlNet: the user's, or made by the configured processor."""
-        kinds = self.config.controlnet_conditions.split(",")
+    def prepare_control_frames(self, video: torch.Tensor, conditioning_frames, kinds: list[str], height: int,
+                               width: int, detectors: dict | None = None) -> list[torch.Tensor]:
+        """uint8 (N, 3, H, W) condition frames per ControlNet: the user's, or made from `video` by its kind."""
         out = []
         for i, kind in enumerate(kinds):
             given = conditioning_frames[i] if conditioning_frames is not None else None
@@ -413,8 +462,8 @@ class DiffutoonPipeline(
                 out.append(_resize_uint8(_video_to_uint8(given), height, width))
             elif kind == "tile":
                 out.append(video)
-            elif kind == "lineart":
-                out.append(self.detect_lineart(video, lineart_detector))
+            elif kind in ANNOTATORS:
+                out.append(self.annotate(video, kind, (detectors or {}).get(kind)))
             else:
                 raise ValueError(f"ControlNet {i} is conditioned on {kind!r}: pass its frames in `conditioning_frames`.")
         return out
@@ -441,8 +490,11 @@ class DiffutoonPipeline(
         b, c, f, h, w = latents.shape
         embeds = embeds.to(device, dtype).repeat_interleave(f, dim=0)  # (B F, L, D): per frame, branch-major
         frames_latents = latents.transpose(1, 2).reshape(b * f, c, h, w)
+        if cond.cross_frame is not None:
+            cond.cross_frame.num_frames = f  # joint attention within each branch's f frames
+        nets = self.edit_controlnets if cond.branch == "edit" else self.controlnets
         down, mid = None, None
-        for net, frames, scale in zip(self.controlnets, cond.control_frames, cond.control_scales):
+        for net, frames, scale in zip(nets, cond.control_frames, cond.control_scales):
             image = (frames[start:end].to(device).to(dtype) / 255).repeat(b, 1, 1, 1)
             d, m = net(frames_latents, t, encoder_hidden_states=embeds, controlnet_cond=image,
                        conditioning_scale=scale, return_dict=False)
@@ -571,16 +623,17 @@ class DiffutoonPipeline(
     def num_timesteps(self):
         return self._num_timesteps
 
-    def _timesteps(self, num_inference_steps: int, strength: float, device) -> torch.Tensor:
+    @staticmethod
+    def _timesteps(scheduler, num_inference_steps: int, strength: float, device) -> torch.Tensor:
         """The reference list for `DiffutoonDDIMScheduler`; diffusers' img2img convention for other schedulers."""
-        if "strength" in inspect.signature(self.scheduler.set_timesteps).parameters:
-            self.scheduler.set_timesteps(num_inference_steps, strength=strength)
-            return self.scheduler.timesteps
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        if "strength" in inspect.signature(scheduler.set_timesteps).parameters:
+            scheduler.set_timesteps(num_inference_steps, strength=strength)
+            return scheduler.timesteps
+        scheduler.set_timesteps(num_inference_steps, device=device)
         start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
-        timesteps = self.scheduler.timesteps[start * self.scheduler.order :]
-        if hasattr(self.scheduler, "set_begin_index"):
-            self.scheduler.set_begin_index(start * self.scheduler.order)
+        timesteps = scheduler.timesteps[start * scheduler.order :]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(start * scheduler.order)
         if len(timesteps) == 0:
             raise ValueError(f"strength {strength} leaves no step of {num_inference_steps}: raise either.")
         return timesteps
@@ -612,6 +665,9 @@ class DiffutoonPipeline(
         motion_groupnorm: str = "per_frame",
         batch_cfg: bool = True,
         cross_attention_kwargs: dict[str, Any] | None = None,
+        edit_prompt: str | None = None,
+        color_video=None,
+        edit_kwargs: dict | None = None,
     ):
         r"""Render `video` in the toon style.
 
@@ -636,6 +692,10 @@ class DiffutoonPipeline(
                 "diffusers" for diffusers' GroupNorm over all frames of a window.
             batch_cfg (True): run both CFG branches in one UNet batch per window (False: half the activation memory).
             cross_attention_kwargs: passed to the UNet's attention processors (e.g. {"scale": 0.7} for LoRA).
+            edit_prompt: run the editing branch (`make_color_video`) with this prompt; its colour video replaces the
+                tile ControlNet's input and is returned as `color_frames`. Needs `edit_controlnet` loaded.
+            color_video: your own colour video (one frame per video frame) for the tile ControlNet instead.
+            edit_kwargs: settings of the editing branch over SPEC's defaults (see `make_color_video`).
 
         Examples:
         """
@@ -652,70 +712,215 @@ class DiffutoonPipeline(
         self.check_inputs(video, prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
                           context_length, context_stride, controlnet_conditioning_scale, conditioning_frames, strength,
                           output_type, callback_on_step_end_tensor_inputs, latents)
+        edit_kwargs = self._check_edit(video, edit_prompt, color_video, edit_kwargs)
         prompt = prompt if isinstance(prompt, str) else prompt[0]
         negative_prompt = "" if negative_prompt is None else negative_prompt if isinstance(negative_prompt, str) else negative_prompt[0]
         num_frames = video.shape[0]
         device = self._execution_device
         self._interrupt = False
 
-        # 2. Condition frames on the host, uint8, at the output resolution
+        # 2. The editing branch (optional): a prompt-edited, deflickered colour video for the tile ControlNet
+        if edit_prompt is not None:
+            color_video = self.make_color_video(video, edit_prompt, negative_prompt, generator=generator, **edit_kwargs)
+        kinds = self.config.controlnet_conditions.split(",")
+        if color_video is not None:
+            colors = _resize_uint8(_video_to_uint8(color_video), height, width)
+            conditioning_frames = [colors if kind == "tile" else (conditioning_frames or [None] * len(kinds))[i]
+                                   for i, kind in enumerate(kinds)]
+
+        # 3. Condition frames on the host, uint8, at the output resolution
         video = _resize_uint8(video, height, width)
-        control_frames = self.prepare_control_frames(video, conditioning_frames, height, width, lineart_detector)
+        control_frames = self.prepare_control_frames(video, conditioning_frames, kinds, height, width,
+                                                     {"lineart": lineart_detector})
         scales = controlnet_conditioning_scale
         scales = list(scales) if isinstance(scales, (list, tuple)) else [scales] * len(self.controlnets)
 
-        # 3. Text embeddings (the negative one only with guidance)
-        do_cfg = guidance_scale > 1
+        # 4. Text embeddings (the negative one only with guidance)
+        prompt_embeds, negative_prompt_embeds = self._encode_pair(prompt, negative_prompt, clip_skip, guidance_scale > 1,
+                                                                  batch_cfg)
+        windows = sliding_windows(num_frames, context_length, context_stride)
+        cond = DiffutoonConditions(prompt_embeds, negative_prompt_embeds, control_frames, scales, guidance_scale,
+                                   context_length, context_stride, batch_cfg, cross_attention_kwargs, windows)
+
+        # 5. Timesteps
+        timesteps = self._timesteps(self.scheduler, num_inference_steps, strength, device)
+        self._num_timesteps = len(timesteps)
+
+        # 6. Initial latents on the host: pure noise (eq. 1), or the noised video for strength < 1
+        shape = (1, self.unet.config.in_channels, num_frames, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is None:
+            latents = _host_randn(shape, generator)
+        latents = latents.float().cpu() * self.scheduler.init_noise_sigma
+        if strength < 1:
+            latents = self.scheduler.add_noise(self.encode_video(video, decode_chunk_size), latents, timesteps[:1])
+
+        # 7. Denoising loop: the sampler sees only full-length latents and noise predictions
+        with per_frame_motion_groupnorm(self.unet, motion_groupnorm == "per_frame"):
+            latents = self._sample(latents, timesteps, cond, self.scheduler, "denoising (steps x windows)",
+                                   callback_on_step_end, callback_on_step_end_tensor_inputs)
+
+        # 8. Decode a chunk at a time
+        frames = latents if output_type == "latent" else self.decode_latents(latents, decode_chunk_size, output_type)
+        self.maybe_free_model_hooks()
+        frames = [frames] if output_type == "pil" else frames if output_type == "latent" else frames[None]
+        color_frames = None if color_video is None or edit_prompt is None else color_video
+        if not return_dict:
+            return (frames, color_frames)
+        return DiffutoonPipelineOutput(frames=frames, color_frames=color_frames)
+
+    def _encode_pair(self, prompt: str, negative_prompt: str, clip_skip, do_cfg: bool, batch_cfg: bool = True):
+        """Host embeddings of the prompt and (with guidance) the negative prompt, padded to one length if batched."""
+        device = self._execution_device
         prompt_embeds = self.encode_prompt(prompt, device, clip_skip).cpu()
         negative_prompt_embeds = self.encode_prompt(negative_prompt, device, clip_skip).cpu() if do_cfg else None
         if do_cfg and batch_cfg and prompt_embeds.shape[1] != negative_prompt_embeds.shape[1]:
             empty = self.encode_prompt("", device, clip_skip).cpu()
             prompt_embeds, negative_prompt_embeds = _pad_chunks(prompt_embeds, negative_prompt_embeds, empty)
-        windows = sliding_windows(num_frames, context_length, context_stride)
-        cond = DiffutoonConditions(prompt_embeds, negative_prompt_embeds, control_frames, scales, guidance_scale,
-                                   context_length, context_stride, batch_cfg, cross_attention_kwargs, windows)
+        return prompt_embeds, negative_prompt_embeds
 
-        # 4. Timesteps
-        timesteps = self._timesteps(num_inference_steps, strength, device)
-        self._num_timesteps = len(timesteps)
-
-        # 5. Initial latents on the host: pure noise, or the noised video for strength < 1
-        shape = (1, self.unet.config.in_channels, num_frames, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        if latents is None:
-            noise_device = generator.device if isinstance(generator, torch.Generator) else torch.device("cpu")
-            latents = randn_tensor(shape, generator=generator, device=noise_device, dtype=torch.float32).cpu()
-        latents = latents.float().cpu() * self.scheduler.init_noise_sigma
-        if strength < 1:
-            latents = self.scheduler.add_noise(self.encode_video(video, decode_chunk_size), latents, timesteps[:1])
-
-        # 6. Denoising loop: the sampler sees only full-length latents and noise predictions
-        with per_frame_motion_groupnorm(self.unet, motion_groupnorm == "per_frame"), \
-                self._bar(total=len(timesteps) * len(windows), desc="denoising (steps x windows)") as bar:
+    def _sample(self, latents, timesteps, cond: DiffutoonConditions, scheduler, desc: str, callback=None,
+                callback_inputs=("latents",)) -> torch.Tensor:
+        """The sampler: full-length noise prediction, scheduler step, callback; it never sees a window."""
+        with self._bar(total=len(timesteps) * len(cond.windows), desc=desc) as bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
                 noise_pred = self.denoise(latents, t, cond, progress_bar=bar)
-                latents = self.scheduler.step(noise_pred, t, latents).prev_sample.float()
-                if callback_on_step_end is not None:
+                latents = scheduler.step(noise_pred, t, latents).prev_sample.float()
+                if callback is not None:
                     tensors = {"latents": latents, "prompt_embeds": cond.prompt_embeds,
                                "negative_prompt_embeds": cond.negative_prompt_embeds}
-                    outputs = callback_on_step_end(self, i, t, {k: tensors[k] for k in callback_on_step_end_tensor_inputs})
+                    outputs = callback(self, i, t, {k: tensors[k] for k in callback_inputs}) or {}
                     latents = outputs.pop("latents", latents)
                     cond.prompt_embeds = outputs.pop("prompt_embeds", cond.prompt_embeds)
                     cond.negative_prompt_embeds = outputs.pop("negative_prompt_embeds", cond.negative_prompt_embeds)
+        return latents
 
-        # 7. Decode a chunk at a time
-        frames = latents if output_type == "latent" else self.decode_latents(latents, decode_chunk_size, output_type)
-        self.maybe_free_model_hooks()
-        if output_type == "np":
-            frames = frames[None]
-        elif output_type == "pt":
-            frames = frames[None]
-        else:
-            frames = [frames] if output_type == "pil" else frames
-        if not return_dict:
-            return (frames,)
-        return DiffutoonPipelineOutput(frames=frames)
+    # ------------------------------------------------------------------------------------------------------------
+    # The editing branch (paper 3.2, SPEC 2)
+
+    def _check_edit(self, video: torch.Tensor, edit_prompt, color_video, edit_kwargs) -> dict:
+        """Checks of the editing branch's inputs, before any model runs; returns its settings."""
+        edit_kwargs = dict(edit_kwargs or {})
+        unknown = set(edit_kwargs) - set(inspect.signature(self.make_color_video).parameters) | \
+            ({"video", "edit_prompt", "negative_prompt", "generator"} & set(edit_kwargs))
+        if unknown:
+            raise ValueError(f"edit_kwargs has unknown settings {sorted(unknown)}: see `make_color_video`'s arguments.")
+        if edit_prompt is not None and color_video is not None:
+            raise ValueError("Pass either `edit_prompt` (run the editing branch) or `color_video` (your own), not both.")
+        if color_video is not None and len(color_video) != video.shape[0]:
+            raise ValueError(f"color_video has {len(color_video)} frames, the video {video.shape[0]}: one per frame.")
+        if (edit_prompt is not None or color_video is not None) and "tile" not in self.config.controlnet_conditions.split(","):
+            raise ValueError("The colour video feeds the tile ControlNet, and this pipeline has none "
+                             f"(controlnet_conditions={self.config.controlnet_conditions!r}).")
+        if edit_prompt is not None:
+            settings = {**{k: p.default for k, p in inspect.signature(self.make_color_video).parameters.items()
+                           if p.default is not inspect.Parameter.empty}, **edit_kwargs}
+            self._check_edit_settings(video, **{k: settings[k] for k in (
+                "height", "width", "num_inference_steps", "strength", "context_length", "context_stride",
+                "conditioning_frames", "controlnet_conditioning_scale")})
+        return edit_kwargs
+
+    def _check_edit_settings(self, video, height, width, num_inference_steps, strength, context_length,
+                             context_stride, conditioning_frames, controlnet_conditioning_scale):
+        if not self.edit_controlnets:
+            raise ValueError(
+                "The editing branch needs its ControlNets (softedge + depth), which this pipeline has not loaded: "
+                "DiffutoonPipeline.from_models(..., edit_controlnets=['lllyasviel/control_v11p_sd15_softedge', "
+                "'lllyasviel/control_v11f1p_sd15_depth']), or set `pipe.edit_controlnet = MultiControlNetModel([...])`.")
+        kinds = self.config.edit_controlnet_conditions.split(",")
+        if len(kinds) != len(self.edit_controlnets):
+            raise ValueError(f"edit_controlnet_conditions {self.config.edit_controlnet_conditions!r} names {len(kinds)} "
+                             f"conditions for {len(self.edit_controlnets)} editing ControlNets: name one per ControlNet.")
+        if height % 8 or width % 8 or height <= 0 or width <= 0:
+            raise ValueError(f"The editing branch's height and width must be positive multiples of 8, got {height}x{width}.")
+        if num_inference_steps < 1 or not 0 < strength <= 1:
+            raise ValueError(f"The editing branch needs num_inference_steps >= 1 and strength in (0, 1], got "
+                             f"{num_inference_steps} and {strength}.")
+        if context_stride <= 0 or context_stride >= context_length:
+            raise ValueError(f"The editing branch's context_stride must satisfy 0 < stride < context_length, got "
+                             f"{context_stride} and {context_length}.")
+        if isinstance(controlnet_conditioning_scale, (list, tuple)) and len(controlnet_conditioning_scale) != len(kinds):
+            raise ValueError(f"The editing branch's controlnet_conditioning_scale needs {len(kinds)} values.")
+        if conditioning_frames is not None and (len(conditioning_frames) != len(kinds) or any(
+                f is not None and len(f) != video.shape[0] for f in conditioning_frames)):
+            raise ValueError(f"The editing branch's conditioning_frames must be {len(kinds)} entries ({kinds}), each "
+                             f"None or one frame per video frame.")
+
+    @torch.no_grad()
+    def make_color_video(
+        self,
+        video,
+        edit_prompt: str,
+        negative_prompt: str = "",
+        height: int = 512,
+        width: int = 512,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 7.0,
+        strength: float = 0.9,
+        context_length: int = 8,
+        context_stride: int = 4,
+        controlnet_conditioning_scale: float | list[float] = 0.5,
+        clip_skip: int | None = None,
+        conditioning_frames: list | None = None,
+        detectors: dict | None = None,
+        cross_frame_mode: str = "joint",
+        fastblend: dict | bool | None = None,
+        generator: torch.Generator | None = None,
+        decode_chunk_size: int = 8,
+        scheduler=None,
+    ) -> np.ndarray:
+        """The editing branch: the edited colour video, uint8 (N, height, width, 3), SPEC 2's defaults.
+
+        The same UNet runs WITHOUT its motion modules (swapped out, not copied) with cross-frame attention in its
+        spatial self-attention, the softedge + depth ControlNets, scaled-linear DDIM, 20 steps, img2img at
+        strength 0.9 from ONE noise sample repeated over all frames, windows of 8 with stride 4; then FastBlend
+        ("fast", window 60, guided by the original frames) smooths the decoded frames.
+
+        Args:
+            detectors: {"softedge": callable, "depth": callable} to replace controlnet-aux's HED / MiDaS.
+            cross_frame_mode: "joint" (the reference), "first" or "first_prev" (see `attention_processors`).
+            fastblend: options of `fastblend.smooth_video` over the defaults, or False to skip the smoothing.
+            scheduler: defaults to the reference DDIM with scaled-linear betas.
+        """
+        from attention_processors import cross_frame_attention
+
+        video = _video_to_uint8(video)
+        self._check_edit_settings(video, height, width, num_inference_steps, strength, context_length, context_stride,
+                                  conditioning_frames, controlnet_conditioning_scale)
+        kinds = self.config.edit_controlnet_conditions.split(",")
+        frames = _resize_uint8(video, height, width)
+        control_frames = self.prepare_control_frames(frames, conditioning_frames, kinds, height, width, detectors)
+        scales = controlnet_conditioning_scale
+        scales = list(scales) if isinstance(scales, (list, tuple)) else [scales] * len(kinds)
+        prompt_embeds, negative_prompt_embeds = self._encode_pair(edit_prompt, negative_prompt, clip_skip,
+                                                                  guidance_scale > 1)
+        cond = DiffutoonConditions(prompt_embeds, negative_prompt_embeds, control_frames, scales, guidance_scale,
+                                   context_length, context_stride, True, None,
+                                   sliding_windows(frames.shape[0], context_length, context_stride), branch="edit")
+        scheduler = scheduler or DiffutoonDDIMScheduler(beta_schedule="scaled_linear")
+        timesteps = self._timesteps(scheduler, num_inference_steps, strength, self._execution_device)
+        # ONE noise sample for every frame (SPEC 2), the img2img start at the first timestep
+        h, w = height // self.vae_scale_factor, width // self.vae_scale_factor
+        noise = _host_randn((1, self.unet.config.in_channels, 1, h, w), generator).expand(-1, -1, frames.shape[0], -1, -1)
+        latents = scheduler.add_noise(self.encode_video(frames, decode_chunk_size), noise, timesteps[:1])
+        with without_motion_modules(self.unet), cross_frame_attention(self.unet, mode=cross_frame_mode) as state:
+            cond.cross_frame = state
+            latents = self._sample(latents, timesteps, cond, scheduler, "editing branch (steps x windows)")
+        colors = (self.decode_latents(latents, decode_chunk_size, "np") * 255).round().astype(np.uint8)
+        if fastblend is False:
+            return colors
+        from fastblend import smooth_video
+
+        options = {**FASTBLEND_DEFAULTS, "device": self._execution_device, **(fastblend or {})}
+        guide = frames.permute(0, 2, 3, 1).numpy()
+        return smooth_video(colors, guide, progress=not getattr(self, "_progress_bar_config", {}).get("disable", False),
+                            **options)
+
+def _host_randn(shape, generator) -> torch.Tensor:
+    """Gaussian noise drawn on the generator's device, kept on the host as float32."""
+    device = generator.device if isinstance(generator, torch.Generator) else torch.device("cpu")
+    return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32).cpu()
 
 
 def _pad_chunks(a: torch.Tensor, b: torch.Tensor, empty: torch.Tensor):

@@ -367,7 +367,7 @@ def test_video_formats_and_default_lineart_are_equivalent(tiny_pipe):
     torch.testing.assert_close(as_array, as_pil, rtol=0, atol=0)
     torch.testing.assert_close(as_array, as_float, rtol=0, atol=0)
     # the default lineart condition is the detector's output at the frame resolution
-    lineart = tiny_pipe.detect_lineart(torch.from_numpy(frames).permute(0, 3, 1, 2), detector)
+    lineart = tiny_pipe.annotate(torch.from_numpy(frames).permute(0, 3, 1, 2), "lineart", detector)
     given = tiny_pipe(video=frames, conditioning_frames=[lineart.permute(0, 2, 3, 1).numpy(), None],
                       generator=torch.Generator().manual_seed(0), **common).frames
     torch.testing.assert_close(as_array, given, rtol=0, atol=0)
