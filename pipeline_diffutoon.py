@@ -445,10 +445,11 @@ class DiffutoonPipeline(
         annotator does (detect and output at min(H, W), then resized back)."""
         detector = detector or self.load_annotator(kind)
         n, _, h, w = frames.shape
+        resolution = max(min(h, w), 64)  # controlnet-aux rounds sizes to multiples of 64: below 64 it would crash
         out = torch.empty_like(frames)
         for i in self._bar(range(n), desc=kind):
             image = PIL.Image.fromarray(frames[i].permute(1, 2, 0).numpy())
-            result = detector(image, detect_resolution=min(h, w), image_resolution=min(h, w)).convert("RGB")
+            result = detector(image, detect_resolution=resolution, image_resolution=resolution).convert("RGB")
             out[i] = torch.from_numpy(np.array(result.resize((w, h)))).permute(2, 0, 1)
         return out
 

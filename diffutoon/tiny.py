@@ -38,10 +38,11 @@ def tiny_tokenizer():
 
 
 def tiny_components(seed: int = 0, channels: tuple[int, int] = (32, 64), text_dim: int = 32,
-                    num_controlnets: int = 2) -> dict:
+                    num_controlnets: int = 2, edit: bool = False) -> dict:
     """The components of a `DiffutoonPipeline` (the UNet still 2D, as a checkpoint folder holds it).
 
     `channels` sets the UNet/ControlNet width: the default is tiny; benchmarks pass larger ones.
+    `edit` adds the editing branch's two ControlNets (softedge, depth).
     """
     from diffusers import AutoencoderKL, ControlNetModel, MotionAdapter, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -54,7 +55,7 @@ def tiny_components(seed: int = 0, channels: tuple[int, int] = (32, 64), text_di
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), **blocks)
     # conditioning embedding with three stride-2 convs: pixels -> latents at the SD factor of 8
     controlnets = [ControlNetModel(in_channels=4, conditioning_embedding_out_channels=(8, 8, 8, 8), **blocks)
-                   for _ in range(num_controlnets)]
+                   for _ in range(num_controlnets + 2 * edit)]
     adapter = MotionAdapter(block_out_channels=channels, motion_layers_per_block=2, motion_norm_num_groups=4,
                             motion_num_attention_heads=2, motion_max_seq_length=32, use_motion_mid_block=True)
     # four levels: the SD VAE's downsampling factor of 8
@@ -66,10 +67,21 @@ def tiny_components(seed: int = 0, channels: tuple[int, int] = (32, 64), text_di
         vocab_size=len(tokenizer), hidden_size=text_dim, intermediate_size=37, num_hidden_layers=3,
         num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    for net in controlnets:  # random weights that make the condition image matter, as trained ones do
+        for name, param in net.named_parameters():
+            if name.endswith("weight") and not param.detach().any():  # diffusers' zero convolutions
+                torch.nn.init.normal_(param, std=0.1)
+        for conv in net.controlnet_cond_embedding.modules():  # default init: biases drown out the image
+            if isinstance(conv, torch.nn.Conv2d):
+                torch.nn.init.normal_(conv.weight, std=(2 / conv.weight[0].numel()) ** 0.5)
+                torch.nn.init.zeros_(conv.bias)
     for module in (unet, adapter, vae, text_encoder, *controlnets):
         module.eval()
-    return dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, motion_adapter=adapter,
-                controlnet=controlnets)
+    parts = dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, motion_adapter=adapter,
+                 controlnet=controlnets[:num_controlnets])
+    if edit:
+        parts["edit_controlnet"] = controlnets[num_controlnets:]
+    return parts
 
 
 def build_tiny_pipeline(seed: int = 0, **kwargs):
@@ -84,6 +96,21 @@ def save_tiny_pipeline(folder, seed: int = 0, **kwargs):
     pipe = build_tiny_pipeline(seed, **kwargs)
     pipe.save_pretrained(folder)
     return pipe
+
+
+def tiny_softedge_detector(seed: int = 0):
+    """controlnet-aux's `HEDdetector` (softedge) with random weights."""
+    from controlnet_aux.hed import ControlNetHED_Apache2, HEDdetector
+
+    torch.manual_seed(seed)
+    return HEDdetector(ControlNetHED_Apache2().float().eval())
+
+
+def tiny_depth_detector(image, detect_resolution=512, image_resolution=512, **kwargs):
+    """A stand-in for MiDaS (whose random-weight DPT model is too slow for tests): inverted luminance, RGB."""
+    import PIL.ImageOps
+
+    return PIL.ImageOps.invert(image.convert("L")).convert("RGB")
 
 
 def tiny_lineart_detector(seed: int = 0):
