@@ -393,6 +393,27 @@ class DiffutoonPipeline(
         return cls.from_pretrained(base, **parts, **load)
 
     # ------------------------------------------------------------------------------------------------------------
+    # Opt-in features
+
+    def enable_memory_efficient_attention(self, backend: str = "auto", chunk_size: int | None = None):
+        """Exact memory-efficient attention in every component (text encoder, UNet and motion modules,
+        ControlNets, VAE), paper 3.3: what lets one 1536x1536 frame fit. `backend`: "auto" (SDPA's flash /
+        memory-efficient kernels, else query-chunked), "native", "chunked", "flash", "xformers" or "sage"."""
+        from attention_processors import enable_memory_efficient_attention
+
+        self.disable_memory_efficient_attention()
+        self._memory_efficient_snapshot = enable_memory_efficient_attention(self, backend=backend, chunk_size=chunk_size)
+
+    def disable_memory_efficient_attention(self):
+        """Put back exactly the attention processors that were there before `enable_memory_efficient_attention`."""
+        snapshot = getattr(self, "_memory_efficient_snapshot", None)
+        if snapshot is not None:
+            from attention_processors import restore_attn_processors
+
+            restore_attn_processors(self, snapshot)
+            self._memory_efficient_snapshot = None
+
+    # ------------------------------------------------------------------------------------------------------------
     # Text
 
     def encode_prompt(self, prompt: str, device: torch.device, clip_skip: int | None = None) -> torch.Tensor:

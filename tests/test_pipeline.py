@@ -461,3 +461,17 @@ def test_bad_input_raises_before_any_model_runs(tiny_pipe, kwargs, message):
         for h in hooks:
             h.remove()
     assert calls == []
+
+
+def test_memory_efficient_attention_on_is_exact_and_off_is_identical(video):
+    pipe = build_tiny_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    before = run(pipe, video[:5], output_type="np")
+    pipe.enable_memory_efficient_attention(backend="chunked", chunk_size=16)
+    processors = {type(p).__name__ for p in pipe.unet.attn_processors.values()}
+    assert processors == {"MemoryEfficientAttnProcessor"}
+    on = run(pipe, video[:5], output_type="np")
+    pipe.disable_memory_efficient_attention()
+    off = run(pipe, video[:5], output_type="np")
+    np.testing.assert_array_equal(off, before)  # off gives identical output
+    np.testing.assert_allclose(on, before, atol=1e-5)  # exact attention, another summation order
