@@ -475,3 +475,13 @@ def test_memory_efficient_attention_on_is_exact_and_off_is_identical(video):
     off = run(pipe, video[:5], output_type="np")
     np.testing.assert_array_equal(off, before)  # off gives identical output
     np.testing.assert_allclose(on, before, atol=1e-5)  # exact attention, another summation order
+
+
+def test_model_cpu_offload_gives_the_same_output(video):
+    """The accelerate hooks of `enable_model_cpu_offload` (exercised with the CPU as the 'accelerator')."""
+    pipe = build_tiny_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    before = run(pipe, video[:5], output_type="np")
+    pipe.enable_model_cpu_offload(device="cpu")
+    assert len(pipe._all_hooks) >= 4  # text encoder -> unet -> vae chain, ControlNets hooked on their own
+    np.testing.assert_array_equal(run(pipe, video[:5], output_type="np"), before)
