@@ -14,6 +14,7 @@ full-length noise prediction; the sampler loop in `__call__` never knows about w
 from __future__ import annotations
 
 import inspect
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -27,7 +28,7 @@ from diffusers.loaders import FromSingleFileMixin, StableDiffusionLoraLoaderMixi
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D, MotionAdapter
 from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
-from diffusers.utils import BaseOutput, logging
+from diffusers.utils import USE_PEFT_BACKEND, BaseOutput, logging, scale_lora_layers, unscale_lora_layers
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -759,7 +760,7 @@ class DiffutoonPipeline(
 
         # 4. Text embeddings (the negative one only with guidance)
         prompt_embeds, negative_prompt_embeds = self._encode_pair(prompt, negative_prompt, clip_skip, guidance_scale > 1,
-                                                                  batch_cfg)
+                                                                  batch_cfg, (cross_attention_kwargs or {}).get("scale"))
         windows = sliding_windows(num_frames, context_length, context_stride)
         cond = DiffutoonConditions(prompt_embeds, negative_prompt_embeds, control_frames, scales, guidance_scale,
                                    context_length, context_stride, batch_cfg, cross_attention_kwargs, windows)
@@ -790,15 +791,38 @@ class DiffutoonPipeline(
             return (frames, color_frames)
         return DiffutoonPipelineOutput(frames=frames, color_frames=color_frames)
 
-    def _encode_pair(self, prompt: str, negative_prompt: str, clip_skip, do_cfg: bool, batch_cfg: bool = True):
-        """Host embeddings of the prompt and (with guidance) the negative prompt, padded to one length if batched."""
+    def _encode_pair(self, prompt: str, negative_prompt: str, clip_skip, do_cfg: bool, batch_cfg: bool = True,
+                     lora_scale: float | None = None):
+        """Host embeddings of the prompt and (with guidance) the negative prompt, padded to one length if batched.
+        `lora_scale` (cross_attention_kwargs["scale"]) scales the text encoder's LoRA, as diffusers' SD pipelines do."""
         device = self._execution_device
-        prompt_embeds = self.encode_prompt(prompt, device, clip_skip).cpu()
-        negative_prompt_embeds = self.encode_prompt(negative_prompt, device, clip_skip).cpu() if do_cfg else None
-        if do_cfg and batch_cfg and prompt_embeds.shape[1] != negative_prompt_embeds.shape[1]:
-            empty = self.encode_prompt("", device, clip_skip).cpu()
-            prompt_embeds, negative_prompt_embeds = _pad_chunks(prompt_embeds, negative_prompt_embeds, empty)
+        scaled = lora_scale is not None and USE_PEFT_BACKEND
+        if scaled:
+            scale_lora_layers(self.text_encoder, lora_scale)
+        try:
+            prompt_embeds = self.encode_prompt(prompt, device, clip_skip).cpu()
+            negative_prompt_embeds = self.encode_prompt(negative_prompt, device, clip_skip).cpu() if do_cfg else None
+            if do_cfg and batch_cfg and prompt_embeds.shape[1] != negative_prompt_embeds.shape[1]:
+                empty = self.encode_prompt("", device, clip_skip).cpu()
+                prompt_embeds, negative_prompt_embeds = _pad_chunks(prompt_embeds, negative_prompt_embeds, empty)
+        finally:
+            if scaled:
+                unscale_lora_layers(self.text_encoder, lora_scale)
         return prompt_embeds, negative_prompt_embeds
+
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name=None, **kwargs):
+        """diffusers' `load_lora_weights`, with each kohya module's own alpha kept (diffusers 0.42.1 keeps only the
+        most common alpha of a file): alpha / rank is folded into lora_up first."""
+        source = pretrained_model_name_or_path_or_dict
+        if isinstance(source, (str, os.PathLike)) and str(source).endswith(".safetensors") and os.path.isfile(source):
+            from safetensors.torch import load_file
+
+            state_dict = load_file(source)
+            if any(k.startswith(("lora_unet_", "lora_te")) for k in state_dict):  # kohya; else keep the file's metadata
+                source = state_dict
+        if isinstance(source, dict):
+            source = _fold_kohya_alphas(source)
+        return super().load_lora_weights(source, adapter_name=adapter_name, **kwargs)
 
     def _sample(self, latents, timesteps, cond: DiffutoonConditions, scheduler, desc: str, callback=None,
                 callback_inputs=("latents",)) -> torch.Tensor:
@@ -943,6 +967,19 @@ def _host_randn(shape, generator) -> torch.Tensor:
     """Gaussian noise drawn on the generator's device, kept on the host as float32."""
     device = generator.device if isinstance(generator, torch.Generator) else torch.device("cpu")
     return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32).cpu()
+
+
+def _fold_kohya_alphas(state_dict: dict) -> dict:
+    """lora_up *= alpha / rank and alpha := rank for each kohya module: the same delta at weight 1."""
+    out = dict(state_dict)
+    for key, alpha in state_dict.items():
+        name = key[: -len(".alpha")]
+        if (key.endswith(".alpha") and key.startswith(("lora_unet_", "lora_te"))
+                and f"{name}.lora_up.weight" in out and f"{name}.lora_down.weight" in out):
+            up, rank = out[f"{name}.lora_up.weight"], out[f"{name}.lora_down.weight"].shape[0]
+            out[f"{name}.lora_up.weight"] = (up.float() * (float(alpha) / rank)).to(up.dtype)
+            out[key] = torch.tensor(float(rank), dtype=alpha.dtype)
+    return out
 
 
 def _pad_chunks(a: torch.Tensor, b: torch.Tensor, empty: torch.Tensor):
