@@ -21,13 +21,6 @@ RANK, ALPHA = 4, 2.0  # kohya scale alpha / rank = 0.5: a wrong scale cannot hid
 NUM_VECTORS = 10  # verybadimagenegative_v1.3 has 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Toy-sized matmuls: one thread is faster than two fighting for a busy CPU (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def render(pipe, **kwargs):

@@ -17,13 +17,6 @@ from pipeline_diffutoon import HUB_MODELS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Toy-sized matmuls: one thread is faster than two fighting for a busy CPU (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def render(pipe):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import make_video
 
-from diffutoon.scheduling import DiffutoonDDIMScheduler, ddim_step, diffutoon_timesteps
+from diffutoon.scheduling import DiffutoonDDIMScheduler, diffutoon_timesteps
 from diffutoon.tiny import build_tiny_pipeline, tiny_components, tiny_lineart_detector
 from pipeline_diffutoon import (
     DiffutoonPipeline,
@@ -395,7 +395,7 @@ def test_save_reload_and_custom_pipeline_loading(tmp_path, tiny_pipe, video):
 
 def test_loading_from_a_base_folder_with_adapter_and_controlnets(tmp_path, video):
     """The real-usage path: an SD1.5 folder (2D UNet) + MotionAdapter + ControlNets given at load time."""
-    from diffusers import ControlNetModel, MotionAdapter, PNDMScheduler
+    from diffusers import PNDMScheduler
 
     parts = tiny_components(seed=2)
     base = tmp_path / "sd15"
