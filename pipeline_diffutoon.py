@@ -37,7 +37,7 @@ from diffutoon.scheduling import DiffutoonDDIMScheduler, ddim_step, diffutoon_ti
 
 logger = logging.get_logger(__name__)
 
-DEFAULT_PROMPT = "best quality, perfect anime illustration, light, a girl is dancing, smile, solo"
+DEFAULT_PROMPT = "best quality, perfect anime illustration, light"  # SPEC's example adds its subject: "a girl is dancing, smile, solo"
 DEFAULT_NEGATIVE_PROMPT = "verybadimagenegative_v1.3"
 HUB_MODELS = {
     "base": "stable-diffusion-v1-5/stable-diffusion-v1-5",  # any SD1.5 checkpoint; the paper's is an anime one
@@ -561,18 +561,20 @@ class DiffutoonPipeline(
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, decode_chunk_size: int = 8, output_type: str = "pil"):
-        """Decode (1, C, N, h, w) host latents a chunk of frames at a time into `output_type` frames."""
+        """Decode (1, C, N, h, w) host latents a chunk of frames at a time into `output_type` frames
+        ("pil", "np", "pt", or "uint8": an array (N, H, W, 3) converted chunk by chunk, a quarter of "np")."""
         device, dtype = self._execution_device, self.vae.dtype
         chunks = []
         for i in self._bar(range(0, latents.shape[2], decode_chunk_size), desc="decoding"):
             z = latents[0, :, i : i + decode_chunk_size].transpose(0, 1).to(device, dtype) / self.vae.config.scaling_factor
             pixels = self.vae.decode(z).sample.float()  # (n, 3, H, W) in [-1, 1]
-            chunks.append(self.video_processor.postprocess(pixels, output_type="pt" if output_type == "pt" else "np"))
+            chunk = self.video_processor.postprocess(pixels, output_type="pt" if output_type == "pt" else "np")
+            if output_type in ("pil", "uint8"):
+                chunk = (chunk * 255).round().astype(np.uint8)  # as diffusers' numpy_to_pil, chunk by chunk
+            chunks.append(chunk.cpu() if output_type == "pt" else chunk)
         if output_type == "pil":
-            return [PIL.Image.fromarray(frame) for chunk in chunks for frame in (chunk * 255).round().astype("uint8")]
-        if output_type == "pt":
-            return torch.cat([c.cpu() for c in chunks])
-        return np.concatenate(chunks)
+            return [PIL.Image.fromarray(frame) for chunk in chunks for frame in chunk]
+        return torch.cat(chunks) if output_type == "pt" else np.concatenate(chunks)
 
     # ------------------------------------------------------------------------------------------------------------
     # Checks
@@ -953,7 +955,7 @@ class DiffutoonPipeline(
         with without_motion_modules(self.unet), cross_frame_attention(self.unet, mode=cross_frame_mode) as state:
             cond.cross_frame = state
             latents = self._sample(latents, timesteps, cond, scheduler, "editing branch (steps x windows)")
-        colors = (self.decode_latents(latents, decode_chunk_size, "np") * 255).round().astype(np.uint8)
+        colors = self.decode_latents(latents, decode_chunk_size, "uint8")
         if fastblend is False:
             return colors
         from fastblend import smooth_video

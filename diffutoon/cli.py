@@ -1,0 +1,576 @@
+"""The `diffutoon` command: render a video in toon style, deflicker a video with FastBlend, or run an offline demo.
+
+    diffutoon render dance.mp4 -o dance-toon.mp4 --prompt "best quality, perfect anime illustration, light"
+    diffutoon render dance.mp4 -o frames/ --start 2s --max-frames 64 --short-side 768 --resize short_side
+    diffutoon deflicker dance-toon.mp4 --guide dance.mp4 -o dance-toon-smooth.mp4
+    diffutoon demo                      # offline: tiny random-weight models, writes diffutoon-demo.mp4
+
+Errors (missing or broken input, models neither cached nor downloadable, bad option values) print one line
+and exit with status 2; `--debug` shows the traceback instead.
+
+    >>> main(["render", "/nonexistent.mp4"])
+    2
+"""
+
+import argparse
+import inspect
+import re
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+from . import video as vio
+
+# Hub ids of the reference models (SPEC.md section 1-2). The base is any SD1.5 checkpoint; the paper used
+# an anime one (AingDiffusion v12, not on the Hub): pass yours with --base (Hub id, folder, or one file).
+DEFAULT_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+DEFAULT_MOTION_ADAPTER = "guoyww/animatediff-motion-adapter-v1-5-2"
+DEFAULT_LINEART = "lllyasviel/control_v11p_sd15_lineart"
+DEFAULT_TILE = "lllyasviel/control_v11f1e_sd15_tile"
+DEFAULT_SOFTEDGE = "lllyasviel/control_v11p_sd15_softedge"
+DEFAULT_DEPTH = "lllyasviel/control_v11f1p_sd15_depth"
+DEFAULT_ANNOTATORS = "lllyasviel/Annotators"  # controlnet-aux LineartDetector weights
+# the reference's negative prompt is this A1111 embedding alone (10 vectors); repo/file form, see _hub_file
+DEFAULT_NEGATIVE_TOKEN = "verybadimagenegative_v1.3"
+DEFAULT_NEGATIVE_EMBEDDING = "gemasai/verybadimagenegative_v1.3/verybadimagenegative_v1.3.pt"
+DEFAULT_PROMPT = "best quality, perfect anime illustration, light"
+DEMO_DISCLAIMER = ("NOTE: the demo uses tiny RANDOM-weight models. It proves the install works end to end "
+                   "(file -> frames -> pipeline -> mp4 with sound); it does NOT show what Diffutoon looks "
+                   "like. The output is expected to be noise-like.")
+DEMO_FOOTER = "NOTE: random weights prove the install, not the art. Real results: `diffutoon render` (see --help)."
+
+
+class CLIError(Exception):
+    """An error whose message is shown to the user as one line (exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # argparse prints the whole usage block; one line that says what to change is easier to act on
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+# ---------------------------------------------------------------------------------------------- option types
+def _number(kind, lo=None, hi=None, lo_open=False, multiple=None):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if lo is not None and (value <= lo if lo_open else value < lo):
+            raise argparse.ArgumentTypeError(f"must be {'>' if lo_open else '>='} {lo}, got {text}")
+        if hi is not None and value > hi:
+            raise argparse.ArgumentTypeError(f"must be <= {hi}, got {text}")
+        if multiple and value % multiple:
+            raise argparse.ArgumentTypeError(f"must be a multiple of {multiple}, got {text} "
+                                             f"(e.g. {max(multiple, round(value / multiple) * multiple)})")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def _position(text):
+    """A frame number ("120") or a time in seconds ("4.5s"); resolved against the video's fps later."""
+    try:
+        value = ("s", float(text[:-1])) if text.endswith("s") else ("f", int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a frame number (120) or seconds (4.5s), got {text!r}")
+    if value[1] < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _frame(position, fps):
+    if position is None:
+        return None
+    unit, value = position
+    return int(round(value * fps)) if unit == "s" else value
+
+
+# ---------------------------------------------------------------------------------------------- the parser
+def _common():
+    common = _Parser(add_help=False)
+    common.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    common.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    return common
+
+
+def _span():
+    span = _Parser(add_help=False)
+    g = span.add_argument_group("frame range (numbers are frames, or seconds with an s: 2.5s)")
+    g.add_argument("--start", type=_position, default=("f", 0), help="first frame (default 0)")
+    g.add_argument("--end", type=_position, help="stop before this frame (default: the end)")
+    g.add_argument("--every-nth", type=_number(int, 1), default=1, help="keep every n-th frame (default 1)")
+    g.add_argument("--max-frames", type=_number(int, 1), help="at most this many frames")
+    g = span.add_argument_group("output")
+    g.add_argument("-o", "--output", type=Path,
+                   help="an .mp4 (also .mov/.m4v/.mkv) file, or a folder for PNG frames (a path without suffix)")
+    g.add_argument("--fps", type=_number(float, 0, lo_open=True),
+                   help="output frame rate (default: the source's fps / --every-nth, which keeps the timing)")
+    g.add_argument("--no-audio", action="store_true", help="do not copy the source's audio")
+    return span
+
+
+def _generation():
+    gen = _Parser(add_help=False)
+    g = gen.add_argument_group("size (the reference: 1536x1536, centre crop)")
+    g.add_argument("--height", type=_number(int, 8, multiple=8), default=1536, help="(default %(default)s)")
+    g.add_argument("--width", type=_number(int, 8, multiple=8), default=1536, help="(default %(default)s)")
+    g.add_argument("--resize", choices=vio.RESIZE_POLICIES, default="crop",
+                   help="crop: cover then cut the centre (reference); pad: fit with black bars; "
+                        "short_side: keep the aspect ratio, short side = --short-side, sides rounded to x8")
+    g.add_argument("--short-side", type=_number(int, 8), default=512, help="for --resize short_side (default %(default)s)")
+    g = gen.add_argument_group("generation (defaults: the paper's main toon-shading pass)")
+    g.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"default: {DEFAULT_PROMPT!r}")
+    g.add_argument("--negative-prompt", default=DEFAULT_NEGATIVE_TOKEN,
+                   help=f"default: {DEFAULT_NEGATIVE_TOKEN!r} (the textual inversion, loaded automatically)")
+    g.add_argument("--edit-prompt", help="run the editing branch first (recolouring, relighting) with this prompt")
+    g.add_argument("--edit-height", type=_number(int, 8, multiple=8), default=512, help="editing branch (default %(default)s)")
+    g.add_argument("--edit-width", type=_number(int, 8, multiple=8), default=512, help="editing branch (default %(default)s)")
+    g.add_argument("--edit-steps", type=_number(int, 1), default=20, help="editing branch (default %(default)s)")
+    g.add_argument("--edit-strength", type=_number(float, 0, 1, lo_open=True), default=0.9,
+                   help="editing branch img2img strength (default %(default)s)")
+    g.add_argument("--steps", type=_number(int, 1), default=10, help="denoising steps (default %(default)s)")
+    g.add_argument("--guidance-scale", type=_number(float, 0), default=7.0, help="CFG scale (default %(default)s)")
+    g.add_argument("--context-length", type=_number(int, 1), default=16, help="sliding-window frames (default %(default)s)")
+    g.add_argument("--context-stride", type=_number(int, 1), default=8, help="window stride (default %(default)s)")
+    g.add_argument("--lineart-scale", type=_number(float, 0), default=0.5, help="lineart ControlNet (default %(default)s)")
+    g.add_argument("--tile-scale", type=_number(float, 0), default=0.5, help="tile ControlNet (default %(default)s)")
+    g.add_argument("--clip-skip", type=_number(int, 0), default=1,
+                   help="diffusers' clip_skip: 1 = A1111's 'clip skip 2', the reference (default %(default)s)")
+    g.add_argument("--strength", type=_number(float, 0, 1, lo_open=True), default=1.0,
+                   help="1.0 = pure noise, the reference; < 1 starts from the video, img2img (default %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    g.add_argument("--decode-chunk-size", type=_number(int, 1), default=8, help="frames per VAE decode (default %(default)s)")
+    g.add_argument("--device", default="auto", help="cuda, cuda:1, cpu, mps... auto: cuda if available (default %(default)s)")
+    g.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"), default="auto",
+                   help="auto: float16 on cuda, float32 elsewhere (default %(default)s)")
+    return gen
+
+
+def _models():
+    models = _Parser(add_help=False)
+    g = models.add_argument_group("models (Hub ids, local folders, or for --base a single .safetensors/.ckpt)")
+    g.add_argument("--base", default=DEFAULT_BASE, help=f"SD1.5 checkpoint, ideally an anime one (default {DEFAULT_BASE})")
+    g.add_argument("--motion-adapter", default=DEFAULT_MOTION_ADAPTER, help=f"default {DEFAULT_MOTION_ADAPTER}")
+    g.add_argument("--lineart-controlnet", default=DEFAULT_LINEART, help=f"default {DEFAULT_LINEART}")
+    g.add_argument("--tile-controlnet", default=DEFAULT_TILE, help=f"default {DEFAULT_TILE}")
+    g.add_argument("--softedge-controlnet", default=DEFAULT_SOFTEDGE, help=f"editing branch (default {DEFAULT_SOFTEDGE})")
+    g.add_argument("--depth-controlnet", default=DEFAULT_DEPTH, help=f"editing branch (default {DEFAULT_DEPTH})")
+    g.add_argument("--annotators", default=DEFAULT_ANNOTATORS,
+                   help=f"controlnet-aux annotator weights for the lineart detector (default {DEFAULT_ANNOTATORS})")
+    g.add_argument("--textual-inversion", action="append", default=[], metavar="SOURCE[@TOKEN]",
+                   help="an A1111/diffusers embedding: file, folder, Hub id or Hub repo/file; the token defaults "
+                        "to the file's stem. Repeatable. The default negative embedding is added when the "
+                        f"negative prompt uses it: {DEFAULT_NEGATIVE_EMBEDDING}")
+    g.add_argument("--lora", action="append", default=[], metavar="SOURCE[@SCALE]",
+                   help="a LoRA (file, folder, Hub id or Hub repo/file) with its scale (default 1.0). Repeatable")
+    return models
+
+
+def build_parser():
+    # parents are built afresh per subcommand: argparse shares their Action objects, so one subcommand's
+    # set_defaults would otherwise change another's defaults
+    parser = _Parser(prog="diffutoon", description="Diffutoon: turn a video into anime (toon shading) with diffusion "
+                     "models, keeping its frame rate, length and sound.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{render,deflicker,demo}",
+                                parser_class=_Parser)
+
+    p = sub.add_parser("render", parents=[_span(), _generation(), _models(), _common()],
+                       help="render a video in toon style",
+                       description="Render a video in toon style (Diffutoon's main pass; with --edit-prompt the "
+                       "editing branch runs first). Output: the source's fps, length and audio by default.")
+    p.add_argument("input", type=Path, help="any video file ffmpeg can read")
+    p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("deflicker", parents=[_span(), _common()], help="smooth a video with FastBlend",
+                       description="Deflicker a (stylised) video with FastBlend, optionally guided by the original "
+                       "video it was rendered from (recommended).")
+    p.add_argument("input", type=Path, help="the video to smooth (the style video)")
+    p.add_argument("--guide", type=Path, help="the original video the style video was made from (same frames); "
+                   "default: the input itself")
+    p.add_argument("--mode", choices=("fast", "balanced", "accurate"), default="fast", help="default fast")
+    p.add_argument("--window-size", type=_number(int, 1), default=15, help="frames each side blended (default 15)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.set_defaults(func=cmd_deflicker)
+
+    p = sub.add_parser("demo", parents=[_span(), _generation(), _common()],
+                       help="offline end-to-end check with tiny random models",
+                       description="Offline check of the whole path (file -> frames -> annotators -> sliding-window "
+                       "denoising -> mp4 with sound) with tiny random-weight models. "
+                       "It proves the install, not the art.")
+    p.add_argument("--input", type=Path, help="a video to use instead of the generated photo clip")
+    p.add_argument("--num-frames", type=_number(int, 1), default=16, help="frames of the generated clip (default 16)")
+    p.add_argument("--clip-fps", type=_number(float, 0, lo_open=True), default=8.0,
+                   help="fps of the generated clip (default 8)")
+    p.add_argument("--keep-input", action="store_true", help="keep the generated clip beside the output")
+    # tiny models: small frames, few steps, and windows short enough that the clip spans several of them
+    p.set_defaults(func=cmd_demo, height=64, width=64, steps=2, context_length=8, context_stride=4, dtype="float32",
+                   edit_height=64, edit_width=64, edit_steps=2)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------- shared steps
+def _open_input(args):
+    """Open the input and select the frame range; reads the range's first and last frames so a truncated
+    file fails here, before any model is loaded."""
+    reader = vio.VideoReader(args.input)
+    try:
+        indices = reader.frame_indices(_frame(args.start, reader.fps), _frame(args.end, reader.fps),
+                                       args.every_nth, args.max_frames)
+    except vio.VideoError as e:
+        raise CLIError(f"{e}; change --start/--end") from e
+    reader.read([indices[0], indices[-1]])
+    return reader, indices
+
+
+def _output_path(args, default_name):
+    out = args.output if args.output is not None else Path(default_name)
+    if out.suffix and out.suffix.lower() not in vio.VIDEO_SUFFIXES:
+        raise CLIError(f"cannot write {out}: use a video file ({', '.join(vio.VIDEO_SUFFIXES)}) or a folder path "
+                       "without a suffix for PNG frames")
+    return vio.check_output(out, args.overwrite)
+
+
+def _write(args, out, frames, reader, indices):
+    """Write the result at the source's timing, with the audio of the same span unless --no-audio."""
+    fps = args.fps or reader.fps / args.every_nth
+    audio = None if args.no_audio or not reader.has_audio else reader.path
+    vio.write_output(out, frames, fps, audio_from=audio, audio_span=reader.span(indices, args.every_nth), overwrite=args.overwrite,
+                     progress=not args.quiet, total=len(indices))
+    what = f"{len(indices)} frames at {fps:g} fps ({len(indices) / fps:.2f} s)"
+    if out.suffix.lower() in vio.VIDEO_SUFFIXES:  # probe the result: the span may lie past the source's audio
+        what += ", with audio" if audio and vio.probe(out)["has_audio"] else ", no audio"
+    print(f"wrote {out}: {what}")
+
+
+def _check_sizes(args, reader):
+    if args.context_stride >= args.context_length:
+        raise CLIError(f"--context-stride ({args.context_stride}) must be smaller than --context-length "
+                       f"({args.context_length}): the sliding windows must overlap")
+    return vio.target_size(reader.height, reader.width, args.height, args.width, args.resize, args.short_side)
+
+
+def _torch_setup(args):
+    import torch
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = args.dtype
+    if dtype == "auto":
+        dtype = "float16" if device.startswith("cuda") else "float32"
+    return device, getattr(torch, dtype)
+
+
+def _import_pipeline():
+    try:
+        import pipeline_diffutoon
+    except ImportError:
+        # a source checkout that is not pip-installed: the module sits beside the package
+        sys.path.append(str(Path(__file__).resolve().parents[1]))
+        import pipeline_diffutoon
+    return pipeline_diffutoon
+
+
+def _call_params(pipe):
+    return inspect.signature(pipe.__call__).parameters
+
+
+def _run_pipeline(args, pipe, frames, detector, edit_extra=None):
+    """Map the options onto the pipeline's arguments (only those its signature has, so the CLI keeps working
+    as the pipeline grows) and return uint8 frames."""
+    import torch
+
+    params = _call_params(pipe)
+    kwargs = dict(video=frames, prompt=args.prompt, negative_prompt=args.negative_prompt,
+                  height=frames.shape[1], width=frames.shape[2], num_inference_steps=args.steps,
+                  guidance_scale=args.guidance_scale, context_length=args.context_length,
+                  context_stride=args.context_stride,
+                  controlnet_conditioning_scale=[args.lineart_scale, args.tile_scale],
+                  clip_skip=args.clip_skip, strength=args.strength,
+                  generator=torch.Generator("cpu").manual_seed(args.seed), output_type="pil",  # uint8 frames
+                  decode_chunk_size=args.decode_chunk_size, lineart_detector=detector)
+    if args.edit_prompt:  # SPEC 2's editing branch, its own size / steps / strength
+        kwargs["edit_prompt"] = args.edit_prompt
+        kwargs["edit_kwargs"] = dict(height=args.edit_height, width=args.edit_width, num_inference_steps=args.edit_steps,
+                                     strength=args.edit_strength, **(edit_extra or {}))
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        kwargs = {k: v for k, v in kwargs.items() if k in params}
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=args.quiet)
+    result = pipe(**kwargs)
+    return vio.to_uint8(result.frames[0])
+
+
+def _render(args, reader, indices, out, pipe, detector, edit_extra=None):
+    height, width = _check_sizes(args, reader)
+    frames = vio.read_frames(reader, indices, height, width, args.resize, progress=not args.quiet)
+    t = time.time()
+    styled = _run_pipeline(args, pipe, frames, detector, edit_extra)
+    if not args.quiet:
+        print(f"rendered {len(styled)} frames of {width}x{height} in {time.time() - t:.1f} s", file=sys.stderr)
+    _write(args, out, styled, reader, indices)
+
+
+# ---------------------------------------------------------------------------------------------- model loading
+def _hub_file(source):
+    """Split "owner/repo/path/file.ext" into ("owner/repo", "path/file.ext"); anything else is (source, None)."""
+    parts = source.split("/")
+    if not Path(source).exists() and len(parts) >= 3 and "." in parts[-1]:
+        return "/".join(parts[:2]), "/".join(parts[2:])
+    return source, None
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+_WEIGHTS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+def _check_sources(sources):
+    """Before loading anything: every source is an existing path or a Hub id, and a Hub id that is not
+    cached needs a reachable Hub (else one line naming it, instead of minutes of retries)."""
+    for option, source in sources:
+        repo, weight_name = _hub_file(source)
+        looks_like_path = source.startswith((".", "/", "~")) or (source.endswith(_WEIGHTS) and not weight_name)
+        if not _is_local(source) and (looks_like_path or not _HUB_ID.fullmatch(repo)):
+            raise CLIError(f"{option} {source}: no such file or folder (and not a Hub id like owner/name)")
+    missing = _uncached(sources)
+    if missing and not _hub_reachable():
+        raise _missing_error(missing)
+
+
+def _hub_reachable(timeout=5):
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _is_local(source):
+    return Path(source).expanduser().exists()
+
+
+def _uncached(sources):
+    """Those Hub sources (option, id) that have no snapshot in the local Hugging Face cache."""
+    from huggingface_hub import snapshot_download
+
+    missing = []
+    for option, source in sources:
+        if not source or _is_local(source):
+            continue
+        repo, _ = _hub_file(source)
+        try:
+            snapshot_download(repo, local_files_only=True)
+        except Exception:
+            missing.append((option, repo))
+    return missing
+
+
+def _load_error(e, sources):
+    """Turn a loading failure into one line naming the model to fetch, when a model is missing locally."""
+    missing = _uncached(sources)
+    if missing:
+        return _missing_error(missing)
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return CLIError(f"could not load the models: {type(e).__name__}: {first}")
+
+
+def _missing_error(missing):
+    option, repo = missing[0]
+    more = f" (also not cached: {', '.join(r for _, r in missing[1:])})" if len(missing) > 1 else ""
+    return CLIError(f"model {repo!r} ({option}) is not in the local Hugging Face cache and could not be "
+                    f"downloaded (Hub unreachable or offline, wrong id, or gated): fetch it with `hf download {repo}` "
+                    f"(or huggingface-cli download {repo}) where there is internet, or pass a local path with "
+                    f"{option}, then rerun{more}")
+
+
+def _spec(text, default):
+    source, _, extra = text.rpartition("@") if "@" in text else (text, "", "")
+    return source, extra or default
+
+
+def _embedding(text):
+    """"SOURCE[@TOKEN]" -> (source, token); the token defaults to the file's stem, as in A1111."""
+    source, token = _spec(text, "")
+    return source, token or Path(_hub_file(source)[1] or source).stem
+
+
+def _model_sources(args):
+    """[(option, source)] of every model the render loads, and the embeddings as [(source, token)]."""
+    sources = [("--base", args.base), ("--motion-adapter", args.motion_adapter),
+               ("--lineart-controlnet", args.lineart_controlnet), ("--tile-controlnet", args.tile_controlnet),
+               ("--annotators", args.annotators)]
+    embeddings = [_embedding(t) for t in args.textual_inversion]
+    if DEFAULT_NEGATIVE_TOKEN in (args.negative_prompt or "") and DEFAULT_NEGATIVE_TOKEN not in [t for _, t in embeddings]:
+        embeddings.append(_embedding(DEFAULT_NEGATIVE_EMBEDDING))  # else the keyword is silently mere words
+    sources += [("--textual-inversion", source) for source, _ in embeddings]
+    for text in args.lora:
+        try:
+            float(_spec(text, "1.0")[1])
+        except ValueError:
+            raise CLIError(f"--lora {text}: the scale after @ must be a number, e.g. {_spec(text, '')[0]}@0.8")
+        sources.append(("--lora", _spec(text, "")[0]))
+    if args.edit_prompt:
+        sources += [("--softedge-controlnet", args.softedge_controlnet), ("--depth-controlnet", args.depth_controlnet)]
+    return sources, embeddings
+
+
+def _load_pipeline(args, device, dtype):
+    sources, embeddings = _model_sources(args)
+    module = _import_pipeline()
+    kw = _edit_model_kwargs(module.DiffutoonPipeline.from_models, args) if args.edit_prompt else {}
+    try:
+        pipe = module.DiffutoonPipeline.from_models(args.base, args.motion_adapter,
+                                                    controlnets=[args.lineart_controlnet, args.tile_controlnet],
+                                                    torch_dtype=dtype, **kw)
+        for source, token in embeddings:
+            repo, weight_name = _hub_file(source)
+            pipe.load_textual_inversion(repo, token=token, **({"weight_name": weight_name} if weight_name else {}))
+        _load_loras(pipe, args.lora)
+        from controlnet_aux import LineartDetector
+
+        detector = LineartDetector.from_pretrained(args.annotators)
+    except CLIError:
+        raise
+    except Exception as e:
+        raise _load_error(e, sources) from e
+    return pipe.to(device), detector.to(device) if hasattr(detector, "to") else detector
+
+
+def _edit_model_kwargs(from_models, args):
+    """The editing ControlNets, under whichever keyword the pipeline's from_models takes them."""
+    params = inspect.signature(from_models).parameters
+    for name in ("edit_controlnets", "editing_controlnets", "edit_controlnet"):
+        if name in params:
+            return {name: [args.softedge_controlnet, args.depth_controlnet]}
+    return {}
+
+
+def _load_loras(pipe, loras):
+    if not loras:
+        return
+    if not hasattr(pipe, "load_lora_weights"):
+        raise CLIError("this pipeline cannot load LoRAs (no load_lora_weights); drop --lora")
+    names, scales = [], []
+    for i, text in enumerate(loras):
+        source, scale = _spec(text, "1.0")
+        scales.append(float(scale))  # checked in _model_sources
+        repo, weight_name = _hub_file(source)
+        names.append(f"lora{i}")
+        pipe.load_lora_weights(repo, adapter_name=names[-1], **({"weight_name": weight_name} if weight_name else {}))
+    pipe.set_adapters(names, adapter_weights=scales)
+
+
+# ---------------------------------------------------------------------------------------------- commands
+def cmd_render(args):
+    reader, indices = _open_input(args)
+    out = _output_path(args, f"{args.input.stem}-diffutoon.mp4")
+    _check_sizes(args, reader)
+    if args.edit_prompt:
+        params = inspect.signature(_import_pipeline().DiffutoonPipeline.__call__).parameters
+        if "edit_prompt" not in params:
+            raise CLIError("--edit-prompt needs the editing branch, which this version of the pipeline lacks")
+    _check_sources(_model_sources(args)[0])
+    device, dtype = _torch_setup(args)
+    if not args.quiet:
+        print(f"loading models on {device} ({str(dtype).replace('torch.', '')})...", file=sys.stderr)
+    pipe, detector = _load_pipeline(args, device, dtype)
+    _render(args, reader, indices, out, pipe, detector)
+    return 0
+
+
+def cmd_deflicker(args):
+    style, indices = _open_input(args)
+    out = _output_path(args, f"{args.input.stem}-deflickered.mp4")
+    guide, guide_indices = (style, indices)
+    if args.guide is not None:
+        guide = vio.VideoReader(args.guide)
+        guide_indices = [i for i in indices if i < guide.num_frames]
+        if len(guide_indices) != len(indices):
+            raise CLIError(f"the guide {args.guide} has {guide.num_frames} frames, fewer than the selected range "
+                           f"of {args.input} needs ({indices[-1] + 1}); pass matching videos or a shorter --end")
+    try:
+        from fastblend import smooth_video
+    except ImportError as e:
+        raise CLIError(f"FastBlend is not available ({e}); reinstall diffutoon") from e
+    frames = vio.read_frames(style, indices, progress=not args.quiet)
+    guides = frames if guide is style else vio.read_frames(guide, guide_indices, style.height, style.width,
+                                                            "crop", progress=not args.quiet)
+    smoothed = smooth_video(frames, guides, mode=args.mode, window_size=args.window_size, device=args.device,
+                            progress=not args.quiet)
+    _write(args, out, smoothed, style, indices)
+    return 0
+
+
+def cmd_demo(args):
+    print(DEMO_DISCLAIMER)
+    out = _output_path(args, "diffutoon-demo.mp4")
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.input is None:
+            size = max(args.height, args.width)
+            clip = (out.with_name(out.stem + "-input.mp4") if args.keep_input else Path(tmp) / "demo-input.mp4")
+            args.input = vio.make_demo_clip(clip, args.num_frames, size, size, args.clip_fps, overwrite=True)
+            print(f"input: {args.input} ({args.num_frames} frames of a photograph with camera motion, a 440 Hz tone)")
+        reader, indices = _open_input(args)
+        _check_sizes(args, reader)
+        _import_pipeline()  # puts a source checkout's pipeline_diffutoon.py on the path for .tiny
+        from . import tiny
+
+        device, dtype = _torch_setup(args)
+        pipe = tiny.build_tiny_pipeline(seed=args.seed, edit=bool(args.edit_prompt)).to(device)  # built in float32
+        pipe = pipe if str(dtype) == "torch.float32" else pipe.to(dtype=dtype)
+        # the editing branch's annotators need Hub weights too: tiny random ones instead
+        edit_extra = {"detectors": {"softedge": tiny.tiny_softedge_detector(), "depth": tiny.tiny_depth_detector}}
+        edit_extra = edit_extra if args.edit_prompt else None
+        _render(args, reader, indices, out, pipe, tiny.tiny_lineart_detector(), edit_extra)
+    print(DEMO_FOOTER)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+def _one_line(e):
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, (CLIError, vio.VideoError, FileExistsError)):
+        return text
+    kind = type(e)
+    return f"{kind.__name__ if kind.__module__ == 'builtins' else kind.__module__ + '.' + kind.__qualname__}: {text}"
+
+
+def main(argv=None):
+    """Run the `diffutoon` command; returns the exit status (0 ok, 2 error, 130 interrupted)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a bad option (already reported in one line)
+        return e.code if isinstance(e.code, int) else 2
+    if not args.debug:  # dependencies' deprecation chatter (timm, controlnet-aux, hub) drowns the real output
+        warnings.simplefilter("ignore")
+        import logging
+
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # per-retry network warnings
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        print("diffutoon: interrupted; nothing was written to the output path", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        hint = "" if isinstance(e, (CLIError, vio.VideoError, FileExistsError)) else " (rerun with --debug for details)"
+        print(f"diffutoon {args.command}: error: {_one_line(e)}{hint}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
