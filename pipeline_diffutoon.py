@@ -198,23 +198,11 @@ def unet_motion_from_unet2d(unet: UNet2DConditionModel, motion_adapter: MotionAd
     if missing or unexpected:  # an architecture this shortcut does not know: fall back to diffusers' copy
         logger.warning(f"Copying the UNet into UNetMotionModel (missing {missing[:3]}, unexpected {unexpected[:3]}).")
         return UNetMotionModel.from_unet2d(unet, motion_adapter)
-    # non-persistent buffers (e.g. positional encodings) are not in state dicts: share them too
-    for target, source in zip(_motion_blocks(motion_unet), adapter_blocks):
-        for (name, buf), (_, src) in zip(target.motion_modules.named_buffers(), source.motion_modules.named_buffers()):
-            owner, attr = _owner(target.motion_modules, name)
-            setattr(owner, attr, src)
-    return motion_unet.eval()
+    return motion_unet.eval()  # buffers (positional encodings) were built for real: init_empty_weights skips them
 
 
 def _nets(controlnet) -> list[ControlNetModel]:
     return list(controlnet.nets) if isinstance(controlnet, MultiControlNetModel) else [controlnet]
-
-
-def _owner(module: torch.nn.Module, dotted: str):
-    *path, attr = dotted.split(".")
-    for part in path:
-        module = getattr(module, part)
-    return module, attr
 
 
 def _video_to_uint8(video) -> torch.Tensor:

@@ -483,7 +483,7 @@ def demo_frames(num_frames=16, height=64, width=64, photo="chelsea"):
         p = i / max(1, num_frames - 1)
         zoom = 1.0 + 0.35 * p  # the view shrinks to 1/1.35 of the covering crop
         s = max(height / ih, width / iw) * zoom  # photo pixels -> frame pixels
-        vh, vw = height / s, width / s  # view size in photo pixels
+        vw = width / s  # view width in photo pixels
         cx = vw / 2 + (iw - vw) * (0.2 + 0.6 * p)  # pan across the photo
         cy = ih / 2
         m = np.array([[s, 0, width / 2 - s * cx], [0, s, height / 2 - s * cy]], np.float32)
