@@ -24,6 +24,7 @@ import torch
 import fastblend.patchmatch as pm
 from fastblend import interpolate_video, psnr, sharpness, smooth_video, warping_error
 from fastblend.kernels import pad_images, patch_error, remap
+from fastblend.metrics import flickering_footage
 from fastblend.patchmatch import MatchConfig, patch_match
 
 
@@ -94,27 +95,6 @@ class baseline_kernels:
 # ---------------- footage ----------------
 
 
-def pan_zoom(n, size, seed=0):
-    """Same construction as tests/test_fastblend.py: a photograph panned and zoomed, a fixed
-    colour transform as the clean style, per-frame gain/offset/noise as the flicker."""
-    import cv2
-    from skimage import data
-
-    photo = data.astronaut()
-    frames = []
-    for t in range(n):
-        s = (1.0 + 0.01 * t) * size / 256
-        cx, cy = 240 + 2.5 * t, 220 + 1.5 * t
-        M = np.array([[s, 0, size / 2 - cx * s], [0, s, size / 2 - cy * s]])
-        frames.append(cv2.warpAffine(photo, M, (size, size), flags=cv2.INTER_AREA))
-    guide = np.stack(frames)
-    mix = np.array([[0.6, 0.3, 0.1], [0.1, 0.5, 0.4], [0.3, 0.1, 0.6]])
-    clean = np.clip(guide.astype(np.float64) @ mix.T * 1.1 + 10, 0, 255)
-    rng = np.random.default_rng(seed)
-    noisy = clean * rng.uniform(0.7, 1.3, (n, 1, 1, 1)) + rng.uniform(-30, 30, (n, 1, 1, 1)) + rng.normal(0, 4, clean.shape)
-    return guide, clean.astype(np.uint8), np.clip(noisy, 0, 255).astype(np.uint8)
-
-
 def timed(fn, repeat=1):
     fn()  # warm-up
     t0 = time.perf_counter()
@@ -158,7 +138,7 @@ def bench_matches(sizes, batch, baseline_sizes):
     print("| size | cost (modes) | ours | baseline | ratio |")
     print("| --- | --- | --- | --- | --- |")
     for s in sizes:
-        guide, _, style = pan_zoom(batch + 1, s)
+        guide, _, style = flickering_footage(batch + 1, s)
         f = lambda a: torch.from_numpy(np.ascontiguousarray(a)).float()
         sg, tg, ss = f(guide[:batch]), f(guide[1 : batch + 1]), f(style[:batch])
         for cost, label in [("style", "fast, balanced"), ("mean_style", "accurate"), ("pairwise", "interpolate (min patch 15)")]:
@@ -227,7 +207,7 @@ print(peak_growth(rss0))
 
 
 def bench_modes(n, size, window, accurate_n, accurate_window):
-    guide, clean, style = pan_zoom(n, size)
+    guide, clean, style = flickering_footage(n, size)
     rows = [("guide", guide, None), ("clean style", clean, None), ("input (flicker)", style, None),
             (f"input (flicker), first {accurate_n} frames", style[:accurate_n], None)]
     for mode in ["fast", "balanced", "accurate"]:

@@ -45,3 +45,25 @@ def sharpness(frames):
     """Mean variance of the Laplacian of the grey frames (blending trades flicker for blur)."""
     grey = [cv2.cvtColor(np.asarray(f, dtype=np.uint8), cv2.COLOR_RGB2GRAY) for f in frames]
     return float(np.mean([cv2.Laplacian(g, cv2.CV_64F).var() for g in grey]))
+
+
+def flickering_footage(n, size, seed=0):
+    """Guide: a real photograph panned and zoomed over n frames. Style: a fixed colour transform of
+    it (clean) and the same with per-frame random gain, offset and noise (the flicker)."""
+    from skimage import data  # a real photograph (scikit-image ships it)
+
+    photo = data.astronaut()
+    frames = []
+    for t in range(n):
+        s = (1.0 + 0.01 * t) * size / 256  # zoom in 1% per frame on a 256-pixel view
+        cx, cy = 240 + 2.5 * t, 220 + 1.5 * t  # pan right and down
+        M = np.array([[s, 0, size / 2 - cx * s], [0, s, size / 2 - cy * s]])
+        frames.append(cv2.warpAffine(photo, M, (size, size), flags=cv2.INTER_AREA))
+    guide = np.stack(frames)
+    mix = np.array([[0.6, 0.3, 0.1], [0.1, 0.5, 0.4], [0.3, 0.1, 0.6]])
+    clean = np.clip(guide.astype(np.float64) @ mix.T * 1.1 + 10, 0, 255)
+    rng = np.random.default_rng(seed)
+    gain = rng.uniform(0.7, 1.3, (n, 1, 1, 1))
+    offset = rng.uniform(-30, 30, (n, 1, 1, 1))
+    noisy = clean * gain + offset + rng.normal(0, 4, clean.shape)
+    return guide, clean.astype(np.uint8), np.clip(noisy, 0, 255).astype(np.uint8)

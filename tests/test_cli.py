@@ -18,39 +18,9 @@ import pytest
 
 from diffutoon import cli
 from diffutoon import video as vio
+from test_video_io import FPS, GREY, TONE, make_source, read_audio, tone_hz  # the same ffmpeg-made source
 
 ROOT = Path(__file__).resolve().parents[1]
-FPS, N, H, W = 12, 36, 48, 64  # 3 seconds
-
-
-def GREY(i):
-    return 16 + 6 * i
-
-
-def TONE(k):
-    return 300 + 300 * k
-
-
-def make_source(path, n=N, fps=FPS):
-    """An mp4 (H.264 + AAC) written by ffmpeg directly, not by the code under test."""
-    frames = np.stack([np.full((H, W, 3), GREY(i), np.uint8) for i in range(n)])
-    subprocess.run([vio.ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y", "-f", "rawvideo", "-pix_fmt",
-                    "rgb24", "-s", f"{W}x{H}", "-framerate", str(fps), "-i", "-", "-f", "lavfi", "-i",
-                    f"aevalsrc=0.5*sin(2*PI*(300+300*floor(t))*t):s=44100:d={n / fps}", "-c:a", "aac",
-                    "-c:v", "libx264", "-crf", "10", "-pix_fmt", "yuv420p", str(path)],
-                   input=frames.tobytes(), check=True)
-    return Path(path)
-
-
-def read_audio(path, rate=16000):
-    pcm = subprocess.run([vio.ffmpeg_exe(), "-loglevel", "error", "-i", str(path), "-map", "0:a:0", "-ac", "1",
-                          "-ar", str(rate), "-f", "s16le", "-"], capture_output=True, check=True).stdout
-    return np.frombuffer(pcm, "<i2").astype(np.float32) / 32768
-
-
-def tone_hz(samples, rate=16000):
-    s = samples[len(samples) // 10: -len(samples) // 10 or None]
-    return np.count_nonzero(np.diff(np.signbit(s))) / 2 / (len(s) / rate)
 
 
 def offline_env(tmp_path):

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from fastblend import interpolate_video, psnr, sharpness, smooth_video, warping_error
+from fastblend.metrics import flickering_footage
 from fastblend import modes
 from fastblend.kernels import pad_images, pairwise_patch_error, patch_error, remap
 from fastblend.patchmatch import MatchConfig, patch_match
@@ -253,29 +254,9 @@ def test_tree_query_covers_window_exactly():
 # ---------- real footage: a photograph panned and zoomed ----------
 
 
-def pan_zoom(n, size, seed=0):
-    """Guide: a real photograph panned and zoomed over n frames. Style: a fixed colour transform of
-    it (clean) and the same with per-frame random gain, offset and noise (the flicker)."""
-    photo = skimage_data.astronaut()
-    frames = []
-    for t in range(n):
-        s = (1.0 + 0.01 * t) * size / 256  # zoom in 1% per frame on a 256-pixel view
-        cx, cy = 240 + 2.5 * t, 220 + 1.5 * t  # pan right and down
-        M = np.array([[s, 0, size / 2 - cx * s], [0, s, size / 2 - cy * s]])
-        frames.append(cv2.warpAffine(photo, M, (size, size), flags=cv2.INTER_AREA))
-    guide = np.stack(frames)
-    mix = np.array([[0.6, 0.3, 0.1], [0.1, 0.5, 0.4], [0.3, 0.1, 0.6]])
-    clean = np.clip(guide.astype(np.float64) @ mix.T * 1.1 + 10, 0, 255)
-    rng = np.random.default_rng(seed)
-    gain = rng.uniform(0.7, 1.3, (n, 1, 1, 1))
-    offset = rng.uniform(-30, 30, (n, 1, 1, 1))
-    noisy = clean * gain + offset + rng.normal(0, 4, clean.shape)
-    return guide, clean.astype(np.uint8), np.clip(noisy, 0, 255).astype(np.uint8)
-
-
 @pytest.fixture(scope="module")
 def footage():
-    return pan_zoom(24, 64)
+    return flickering_footage(24, 64)
 
 
 def test_deflicker_real_footage(footage):
@@ -346,7 +327,7 @@ SMALL = dict(window_size=1, minimum_patch_size=3, num_iter=2, progress=False)  #
 def test_output_form_follows_input_and_is_seeded():
     from PIL import Image
 
-    guide, _, style = pan_zoom(3, 32)
+    guide, _, style = flickering_footage(3, 32)
     arr = smooth_video(style, guide, **SMALL)
     assert isinstance(arr, np.ndarray) and arr.shape == (3, 32, 32, 3) and arr.dtype == np.uint8
     pil = smooth_video([Image.fromarray(s) for s in style], [Image.fromarray(g) for g in guide], **SMALL)
@@ -387,7 +368,7 @@ def test_bad_input_raises_clear_errors():
 def test_command_line_on_frame_folders(tmp_path):
     from PIL import Image
 
-    guide, _, style = pan_zoom(3, 32)
+    guide, _, style = flickering_footage(3, 32)
     for name, frames in [("guide", guide), ("style", style)]:
         (tmp_path / name).mkdir()
         for i, f in enumerate(frames):
