@@ -314,13 +314,27 @@ def test_models_never_see_more_than_one_window(tiny_pipe):
 
 
 def test_strength_starts_from_the_noised_video(tiny_pipe, video):
-    timesteps = []
-    hook = tiny_pipe.unet.register_forward_pre_hook(lambda m, a: timesteps.append(int(a[1])))
+    seen = []
+    hook = tiny_pipe.unet.register_forward_pre_hook(lambda m, a: seen.append((int(a[1]), a[0][:1].clone())))
     try:
         run(tiny_pipe, video[:4], strength=0.5, num_inference_steps=3)
     finally:
         hook.remove()
-    assert timesteps == [499, 250, 0]
+    assert [t for t, _ in seen] == [499, 250, 0]
+    # x = sqrt(ab) x0 + sqrt(1 - ab) noise at t = 499, x0 the VAE posterior mean times 0.18215 (SPEC 1)
+    pixels = torch.from_numpy(video[:4]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x0 = (tiny_pipe.vae.encode(pixels).latent_dist.mean * tiny_pipe.vae.config.scaling_factor).transpose(0, 1)[None]
+    noise = torch.randn(1, 4, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(0))
+    a = float(np.cumprod(1 - np.linspace(0.00085, 0.012, 1000, dtype=np.float64))[499])
+    torch.testing.assert_close(seen[0][1], math.sqrt(a) * x0 + math.sqrt(1 - a) * noise, rtol=1e-5, atol=1e-5)
+
+
+def test_edit_controlnets_loaded_but_unused_change_nothing(video):
+    pipe = build_tiny_pipeline(edit=True)
+    pipe.set_progress_bar_config(disable=True)
+    with_edit_nets = run(pipe, video[:5])
+    pipe.register_modules(edit_controlnet=None)
+    torch.testing.assert_close(run(pipe, video[:5]), with_edit_nets, rtol=0, atol=0)
 
 
 def test_other_schedulers_work(video):
