@@ -734,6 +734,7 @@ class DiffutoonPipeline(
 
         # 2. The editing branch (optional): a prompt-edited, deflickered colour video for the tile ControlNet
         if edit_prompt is not None:
+            edit_kwargs.setdefault("cross_attention_kwargs", cross_attention_kwargs)  # LoRA scales apply to both passes
             color_video = self.make_color_video(video, edit_prompt, negative_prompt, generator=generator, **edit_kwargs)
         kinds = self.config.controlnet_conditions.split(",")
         if color_video is not None:
@@ -905,6 +906,7 @@ class DiffutoonPipeline(
         generator: torch.Generator | None = None,
         decode_chunk_size: int = 8,
         scheduler=None,
+        cross_attention_kwargs: dict | None = None,
     ) -> np.ndarray:
         """The editing branch: the edited colour video, uint8 (N, height, width, 3), SPEC 2's defaults.
 
@@ -918,6 +920,7 @@ class DiffutoonPipeline(
             cross_frame_mode: "joint" (the reference), "first" or "first_prev" (see `attention_processors`).
             fastblend: options of `fastblend.smooth_video` over the defaults, or False to skip the smoothing.
             scheduler: defaults to the reference DDIM with scaled-linear betas.
+            cross_attention_kwargs: as in `__call__` (e.g. {"scale": 0.7} scales LoRAs, text encoder included).
         """
         from attention_processors import cross_frame_attention
 
@@ -930,9 +933,10 @@ class DiffutoonPipeline(
         scales = controlnet_conditioning_scale
         scales = list(scales) if isinstance(scales, (list, tuple)) else [scales] * len(kinds)
         prompt_embeds, negative_prompt_embeds = self._encode_pair(edit_prompt, negative_prompt, clip_skip,
-                                                                  guidance_scale > 1)
+                                                                  guidance_scale > 1, True,
+                                                                  (cross_attention_kwargs or {}).get("scale"))
         cond = DiffutoonConditions(prompt_embeds, negative_prompt_embeds, control_frames, scales, guidance_scale,
-                                   context_length, context_stride, True, None,
+                                   context_length, context_stride, True, cross_attention_kwargs,
                                    sliding_windows(frames.shape[0], context_length, context_stride), branch="edit")
         scheduler = scheduler or DiffutoonDDIMScheduler(beta_schedule="scaled_linear")
         timesteps = self._timesteps(scheduler, num_inference_steps, strength, self._execution_device)
