@@ -16,7 +16,7 @@ from __future__ import annotations
 import inspect
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -266,12 +266,10 @@ class DiffutoonConditions:
     negative_prompt_embeds: torch.Tensor | None  # (1, L, D); None without classifier-free guidance
     control_frames: list[torch.Tensor]  # one uint8 (N, 3, H, W) per ControlNet
     control_scales: list[float]
+    windows: list[tuple[int, int]]  # eq. 2's sliding windows over the video's frames
     guidance_scale: float = 7.0
-    context_length: int = 16
-    context_stride: int = 8
     batch_cfg: bool = True  # both CFG branches in one UNet batch per window
     cross_attention_kwargs: dict | None = None
-    windows: list[tuple[int, int]] = field(default_factory=list)
     branch: str = "main"  # "main": controlnet; "edit": edit_controlnet (the editing branch)
     cross_frame: Any = None  # the editing branch's `attention_processors.CrossFrameState`, told each window's length
 
@@ -753,8 +751,8 @@ class DiffutoonPipeline(
         prompt_embeds, negative_prompt_embeds = self._encode_pair(prompt, negative_prompt, clip_skip, guidance_scale > 1,
                                                                   batch_cfg, (cross_attention_kwargs or {}).get("scale"))
         windows = sliding_windows(num_frames, context_length, context_stride)
-        cond = DiffutoonConditions(prompt_embeds, negative_prompt_embeds, control_frames, scales, guidance_scale,
-                                   context_length, context_stride, batch_cfg, cross_attention_kwargs, windows)
+        cond = DiffutoonConditions(prompt_embeds, negative_prompt_embeds, control_frames, scales, windows,
+                                   guidance_scale, batch_cfg, cross_attention_kwargs)
 
         # 5. Timesteps
         timesteps = self._timesteps(self.scheduler, num_inference_steps, strength, device)
@@ -935,9 +933,9 @@ class DiffutoonPipeline(
         prompt_embeds, negative_prompt_embeds = self._encode_pair(edit_prompt, negative_prompt, clip_skip,
                                                                   guidance_scale > 1, True,
                                                                   (cross_attention_kwargs or {}).get("scale"))
-        cond = DiffutoonConditions(prompt_embeds, negative_prompt_embeds, control_frames, scales, guidance_scale,
-                                   context_length, context_stride, True, cross_attention_kwargs,
-                                   sliding_windows(frames.shape[0], context_length, context_stride), branch="edit")
+        windows = sliding_windows(frames.shape[0], context_length, context_stride)
+        cond = DiffutoonConditions(prompt_embeds, negative_prompt_embeds, control_frames, scales, windows,
+                                   guidance_scale, cross_attention_kwargs=cross_attention_kwargs, branch="edit")
         scheduler = scheduler or DiffutoonDDIMScheduler(beta_schedule="scaled_linear")
         timesteps = self._timesteps(scheduler, num_inference_steps, strength, self._execution_device)
         # ONE noise sample for every frame (SPEC 2), the img2img start at the first timestep
