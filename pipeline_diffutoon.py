@@ -577,6 +577,10 @@ class DiffutoonPipeline(
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}.")
         if not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1] (1 starts from pure noise), got {strength}.")
+        if "strength" not in inspect.signature(self.scheduler.set_timesteps).parameters and \
+                int(num_inference_steps * strength) < 1:  # diffusers' img2img convention keeps int(T s) steps
+            raise ValueError(f"strength {strength} keeps no step of {num_inference_steps} with "
+                             f"{type(self.scheduler).__name__}: raise num_inference_steps or strength.")
         if context_stride <= 0 or context_stride >= context_length:
             raise ValueError(f"context_stride must satisfy 0 < context_stride < context_length "
                              f"(got stride {context_stride}, length {context_length}): windows must overlap.")
@@ -645,8 +649,6 @@ class DiffutoonPipeline(
         timesteps = scheduler.timesteps[start * scheduler.order :]
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(start * scheduler.order)
-        if len(timesteps) == 0:
-            raise ValueError(f"strength {strength} leaves no step of {num_inference_steps}: raise either.")
         return timesteps
 
     @torch.no_grad()

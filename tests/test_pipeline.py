@@ -346,6 +346,8 @@ def test_other_schedulers_work(video):
         pipe.scheduler = scheduler
         out = run(pipe, video[:5], output_type="np", strength=0.6, num_inference_steps=3)[0]
         assert out.shape == (5, SIZE, SIZE, 3) and np.isfinite(out).all()
+    with pytest.raises(ValueError, match="keeps no step"):  # diffusers' convention: int(3 x 0.2) = 0 steps
+        run(pipe, video[:5], strength=0.2, num_inference_steps=3)
 
 
 def test_output_types_and_callback(tiny_pipe, video):
