@@ -430,7 +430,7 @@ def _model_sources(args):
 def _load_pipeline(args, device, dtype):
     sources, embeddings = _model_sources(args)
     module = _import_pipeline()
-    kw = _edit_model_kwargs(module.DiffutoonPipeline.from_models, args) if args.edit_prompt else {}
+    kw = {"edit_controlnets": [args.softedge_controlnet, args.depth_controlnet]} if args.edit_prompt else {}
     try:
         pipe = module.DiffutoonPipeline.from_models(args.base, args.motion_adapter,
                                                     controlnets=[args.lineart_controlnet, args.tile_controlnet],
@@ -439,6 +439,7 @@ def _load_pipeline(args, device, dtype):
             repo, weight_name = _hub_file(source)
             pipe.load_textual_inversion(repo, token=token, **({"weight_name": weight_name} if weight_name else {}))
         _load_loras(pipe, args.lora)
+        pipe.enable_memory_efficient_attention()  # exact; what lets 1536x1536 frames fit (paper 3.3)
         from controlnet_aux import LineartDetector
 
         detector = LineartDetector.from_pretrained(args.annotators)
@@ -447,15 +448,6 @@ def _load_pipeline(args, device, dtype):
     except Exception as e:
         raise _load_error(e, sources) from e
     return pipe.to(device), detector.to(device) if hasattr(detector, "to") else detector
-
-
-def _edit_model_kwargs(from_models, args):
-    """The editing ControlNets, under whichever keyword the pipeline's from_models takes them."""
-    params = inspect.signature(from_models).parameters
-    for name in ("edit_controlnets", "editing_controlnets", "edit_controlnet"):
-        if name in params:
-            return {name: [args.softedge_controlnet, args.depth_controlnet]}
-    return {}
 
 
 def _load_loras(pipe, loras):
