@@ -64,7 +64,7 @@ EXAMPLE_DOC_STRING = """
         >>> pipe = DiffusionPipeline.from_pretrained(
         ...     "path/to/an/sd15/anime/checkpoint", motion_adapter=adapter, controlnet=controlnets,
         ...     custom_pipeline="path/to/pipeline_diffutoon.py", trust_remote_code=True,
-        ...     torch_dtype=torch.float16,
+        ...     dtype=torch.float16,
         ... ).to("cuda")
         >>> pipe.load_textual_inversion("path/to/verybadimagenegative_v1.3.pt", token="verybadimagenegative_v1.3")
         >>> video = load_video("dance.mp4")  # list of PIL images
