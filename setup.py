@@ -26,10 +26,11 @@ setup(
         "decord>=0.6",
         "imageio-ffmpeg>=0.5",
         "opencv-python-headless>=4.8",
+        "scikit-image>=0.22",  # the demo's real photograph
         "numpy>=1.26",
         "pillow>=10",
         "tqdm>=4.66",
     ],
-    extras_require={"test": ["pytest>=8", "scikit-image>=0.22"]},
+    extras_require={"test": ["pytest>=8"]},
     entry_points={"console_scripts": ["diffutoon=diffutoon.cli:main"]},
 )
