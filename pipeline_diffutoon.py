@@ -565,25 +565,48 @@ class DiffutoonPipeline(
     # ------------------------------------------------------------------------------------------------------------
     # Checks
 
+    def _check_pass(self, video: torch.Tensor, nets: list, conditions: str, height, width, num_inference_steps,
+                    strength, context_length, context_stride, controlnet_conditioning_scale, conditioning_frames,
+                    where: str = ""):
+        """The checks the main pass and the editing branch share; `conditions` names the config entry of the
+        pass's ControlNet kinds, `where` the pass in the messages."""
+        n, kinds = video.shape[0], self.config[conditions].split(",")
+        if len(kinds) != len(nets):
+            raise ValueError(f"{conditions} {self.config[conditions]!r} names {len(kinds)} conditions for {len(nets)} "
+                             f"{where}ControlNets: name one per ControlNet.")
+        if height % 8 or width % 8 or height <= 0 or width <= 0:
+            raise ValueError(f"{where}height and width must be positive multiples of 8, got {height}x{width}: "
+                             f"try {max(8, height // 8 * 8)}x{max(8, width // 8 * 8)}.")
+        if num_inference_steps < 1:
+            raise ValueError(f"{where}num_inference_steps must be >= 1, got {num_inference_steps}.")
+        if not 0 < strength <= 1:
+            raise ValueError(f"{where}strength must be in (0, 1] (1 starts from pure noise), got {strength}.")
+        if context_stride <= 0 or context_stride >= context_length:
+            raise ValueError(f"{where}context_stride must satisfy 0 < context_stride < context_length "
+                             f"(got stride {context_stride}, length {context_length}): windows must overlap.")
+        scales = controlnet_conditioning_scale
+        if isinstance(scales, (list, tuple)) and len(scales) != len(nets):
+            raise ValueError(f"{where}controlnet_conditioning_scale has {len(scales)} values for {len(nets)} ControlNets.")
+        if conditioning_frames is not None:
+            if not isinstance(conditioning_frames, (list, tuple)) or len(conditioning_frames) != len(nets):
+                raise ValueError(f"{where}conditioning_frames must be a list with one entry (frames or None) per "
+                                 f"ControlNet ({len(nets)}), in the order {kinds}.")
+            for kind, frames in zip(kinds, conditioning_frames):
+                if frames is not None and len(frames) != n:
+                    raise ValueError(f"{where}conditioning_frames for '{kind}' has {len(frames)} frames, the video {n}: "
+                                     f"pass one condition frame per video frame.")
+
     def check_inputs(self, video: torch.Tensor, prompt, negative_prompt, height, width, num_inference_steps,
                      guidance_scale, context_length, context_stride, controlnet_conditioning_scale,
                      conditioning_frames, strength, output_type, callback_on_step_end_tensor_inputs, latents):
         """Every cheap check, before any model runs; each error says what to change."""
         n = video.shape[0]
-        if height % 8 or width % 8 or height <= 0 or width <= 0:
-            raise ValueError(f"height and width must be positive multiples of 8, got {height}x{width}: "
-                             f"try {max(8, height // 8 * 8)}x{max(8, width // 8 * 8)}.")
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}.")
-        if not 0 < strength <= 1:
-            raise ValueError(f"strength must be in (0, 1] (1 starts from pure noise), got {strength}.")
+        self._check_pass(video, self.controlnets, "controlnet_conditions", height, width, num_inference_steps, strength,
+                         context_length, context_stride, controlnet_conditioning_scale, conditioning_frames)
         if "strength" not in inspect.signature(self.scheduler.set_timesteps).parameters and \
                 int(num_inference_steps * strength) < 1:  # diffusers' img2img convention keeps int(T s) steps
             raise ValueError(f"strength {strength} keeps no step of {num_inference_steps} with "
                              f"{type(self.scheduler).__name__}: raise num_inference_steps or strength.")
-        if context_stride <= 0 or context_stride >= context_length:
-            raise ValueError(f"context_stride must satisfy 0 < context_stride < context_length "
-                             f"(got stride {context_stride}, length {context_length}): windows must overlap.")
         limit = self.unet.config.get("motion_max_seq_length", 32)
         if context_length > limit:
             raise ValueError(f"context_length {context_length} exceeds the motion modules' positional limit of {limit} "
@@ -595,22 +618,6 @@ class DiffutoonPipeline(
                                  f"{type(value).__name__} of length {len(value) if hasattr(value, '__len__') else '?'}.")
         if prompt is None:
             raise ValueError("`prompt` is required: e.g. 'best quality, perfect anime illustration'.")
-        num_nets = len(self.controlnets)
-        kinds = self.config.controlnet_conditions.split(",")
-        if len(kinds) != num_nets:
-            raise ValueError(f"controlnet_conditions {self.config.controlnet_conditions!r} names {len(kinds)} conditions "
-                             f"for {num_nets} ControlNets: name one per ControlNet.")
-        scales = controlnet_conditioning_scale
-        if isinstance(scales, (list, tuple)) and len(scales) != num_nets:
-            raise ValueError(f"controlnet_conditioning_scale has {len(scales)} values for {num_nets} ControlNets.")
-        if conditioning_frames is not None:
-            if not isinstance(conditioning_frames, (list, tuple)) or len(conditioning_frames) != num_nets:
-                raise ValueError(f"conditioning_frames must be a list with one entry (frames or None) per ControlNet "
-                                 f"({num_nets}), in the order {kinds}.")
-            for kind, frames in zip(kinds, conditioning_frames):
-                if frames is not None and len(frames) != n:
-                    raise ValueError(f"conditioning_frames for '{kind}' has {len(frames)} frames, the video {n}: "
-                                     f"pass one condition frame per video frame.")
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
         unknown = set(callback_on_step_end_tensor_inputs or []) - set(self._callback_tensor_inputs)
@@ -746,8 +753,7 @@ class DiffutoonPipeline(
         video = _resize_uint8(video, height, width)
         control_frames = self.prepare_control_frames(video, conditioning_frames, kinds, height, width,
                                                      {"lineart": lineart_detector})
-        scales = controlnet_conditioning_scale
-        scales = list(scales) if isinstance(scales, (list, tuple)) else [scales] * len(self.controlnets)
+        scales = _per_net(controlnet_conditioning_scale, len(self.controlnets))
 
         # 4. Text embeddings (the negative one only with guidance)
         prompt_embeds, negative_prompt_embeds = self._encode_pair(prompt, negative_prompt, clip_skip, guidance_scale > 1,
@@ -865,24 +871,9 @@ class DiffutoonPipeline(
                 "The editing branch needs its ControlNets (softedge + depth), which this pipeline has not loaded: "
                 "DiffutoonPipeline.from_models(..., edit_controlnets=['lllyasviel/control_v11p_sd15_softedge', "
                 "'lllyasviel/control_v11f1p_sd15_depth']), or set `pipe.edit_controlnet = MultiControlNetModel([...])`.")
-        kinds = self.config.edit_controlnet_conditions.split(",")
-        if len(kinds) != len(self.edit_controlnets):
-            raise ValueError(f"edit_controlnet_conditions {self.config.edit_controlnet_conditions!r} names {len(kinds)} "
-                             f"conditions for {len(self.edit_controlnets)} editing ControlNets: name one per ControlNet.")
-        if height % 8 or width % 8 or height <= 0 or width <= 0:
-            raise ValueError(f"The editing branch's height and width must be positive multiples of 8, got {height}x{width}.")
-        if num_inference_steps < 1 or not 0 < strength <= 1:
-            raise ValueError(f"The editing branch needs num_inference_steps >= 1 and strength in (0, 1], got "
-                             f"{num_inference_steps} and {strength}.")
-        if context_stride <= 0 or context_stride >= context_length:
-            raise ValueError(f"The editing branch's context_stride must satisfy 0 < stride < context_length, got "
-                             f"{context_stride} and {context_length}.")
-        if isinstance(controlnet_conditioning_scale, (list, tuple)) and len(controlnet_conditioning_scale) != len(kinds):
-            raise ValueError(f"The editing branch's controlnet_conditioning_scale needs {len(kinds)} values.")
-        if conditioning_frames is not None and (len(conditioning_frames) != len(kinds) or any(
-                f is not None and len(f) != video.shape[0] for f in conditioning_frames)):
-            raise ValueError(f"The editing branch's conditioning_frames must be {len(kinds)} entries ({kinds}), each "
-                             f"None or one frame per video frame.")
+        self._check_pass(video, self.edit_controlnets, "edit_controlnet_conditions", height, width,
+                         num_inference_steps, strength, context_length, context_stride, controlnet_conditioning_scale,
+                         conditioning_frames, where="the editing branch's ")
 
     @torch.no_grad()
     def make_color_video(
@@ -930,8 +921,7 @@ class DiffutoonPipeline(
         kinds = self.config.edit_controlnet_conditions.split(",")
         frames = _resize_uint8(video, height, width)
         control_frames = self.prepare_control_frames(frames, conditioning_frames, kinds, height, width, detectors)
-        scales = controlnet_conditioning_scale
-        scales = list(scales) if isinstance(scales, (list, tuple)) else [scales] * len(kinds)
+        scales = _per_net(controlnet_conditioning_scale, len(kinds))
         prompt_embeds, negative_prompt_embeds = self._encode_pair(edit_prompt, negative_prompt, clip_skip,
                                                                   guidance_scale > 1, True,
                                                                   (cross_attention_kwargs or {}).get("scale"))
@@ -956,6 +946,11 @@ class DiffutoonPipeline(
         guide = frames.permute(0, 2, 3, 1).numpy()
         return smooth_video(colors, guide, progress=not getattr(self, "_progress_bar_config", {}).get("disable", False),
                             **options)
+
+def _per_net(scale, num_nets: int) -> list[float]:
+    """One conditioning scale per ControlNet from a single value or a list."""
+    return list(scale) if isinstance(scale, (list, tuple)) else [scale] * num_nets
+
 
 def _host_randn(shape, generator) -> torch.Tensor:
     """Gaussian noise drawn on the generator's device, kept on the host as float32."""
