@@ -276,16 +276,10 @@ def _import_pipeline():
     return pipeline_diffutoon
 
 
-def _call_params(pipe):
-    return inspect.signature(pipe.__call__).parameters
-
-
 def _run_pipeline(args, pipe, frames, detector, edit_extra=None):
-    """Map the options onto the pipeline's arguments (only those its signature has, so the CLI keeps working
-    as the pipeline grows) and return uint8 frames."""
+    """Map the options onto the pipeline's arguments and return uint8 frames."""
     import torch
 
-    params = _call_params(pipe)
     kwargs = dict(video=frames, prompt=args.prompt, negative_prompt=args.negative_prompt,
                   height=frames.shape[1], width=frames.shape[2], num_inference_steps=args.steps,
                   guidance_scale=args.guidance_scale, context_length=args.context_length,
@@ -298,8 +292,6 @@ def _run_pipeline(args, pipe, frames, detector, edit_extra=None):
         kwargs["edit_prompt"] = args.edit_prompt
         kwargs["edit_kwargs"] = dict(height=args.edit_height, width=args.edit_width, num_inference_steps=args.edit_steps,
                                      strength=args.edit_strength, **(edit_extra or {}))
-    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        kwargs = {k: v for k, v in kwargs.items() if k in params}
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=args.quiet)
     result = pipe(**kwargs)
