@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import inspect
 import os
-from contextlib import contextmanager
+from pathlib import Path
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -33,6 +34,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from diffutoon.render_folder import CHUNK, HostFrames, InMemoryRender, RenderFolder, RenderFolderError  # noqa: F401
+from diffutoon.render_folder import file_fingerprint, module_fingerprint, randn_into, tensor_fingerprint
+from diffutoon.reuse import WindowReuse, compute_prefix, has_prefix
 from diffutoon.scheduling import DiffutoonDDIMScheduler, ddim_step, diffutoon_timesteps  # noqa: F401 (re-exported)
 
 logger = logging.get_logger(__name__)
@@ -255,6 +259,49 @@ def _resize_uint8(frames: torch.Tensor, height: int, width: int) -> torch.Tensor
     return out
 
 
+class _VideoSource:
+    """The input video, read a range of frames at a time as uint8 (n, 3, H, W) at its own size: frames in memory, a
+    video file or `diffutoon.video.VideoClip` decoded lazily, or a frame array (N, H, W, 3) of the render folder."""
+
+    def __init__(self, video):
+        self.clip, self.frames = None, None
+        if isinstance(video, (str, os.PathLike)):
+            from diffutoon.video import VideoClip  # decord + ffmpeg: only for video files
+
+            video = VideoClip(video)
+        if hasattr(video, "read") and hasattr(video, "shape"):  # lazy: read(start, end) -> uint8 (n, H, W, 3)
+            self.clip, (self.num_frames, self.height, self.width) = video, video.shape[:3]
+        else:
+            self.frames = _video_to_uint8(video)
+            self.num_frames, _, self.height, self.width = self.frames.shape
+
+    @property
+    def shape(self) -> tuple:
+        return (self.num_frames, 3, self.height, self.width)
+
+    def __len__(self):
+        return self.num_frames
+
+    def read(self, start: int, end: int) -> torch.Tensor:
+        if self.frames is not None:
+            return self.frames[start:end]
+        return torch.from_numpy(np.ascontiguousarray(self.clip.read(start, end))).permute(0, 3, 1, 2).contiguous()
+
+    def resized(self, start: int, end: int, height: int, width: int) -> torch.Tensor:
+        return _resize_uint8(self.read(start, end), height, width)
+
+    def identity(self) -> dict:
+        """What the render folder compares to refuse resuming on another input."""
+        if self.frames is not None:
+            return {"frames": tensor_fingerprint(self.frames), "shape": list(self.shape)}
+        identity = {"shape": list(self.shape)}
+        if getattr(self.clip, "path", None) is not None:
+            identity.update(file_fingerprint(self.clip.path))
+        if hasattr(self.clip, "selection"):
+            identity.update(self.clip.selection())
+        return identity
+
+
 @dataclass
 class DiffutoonConditions:
     """Everything the denoiser needs besides latents and timestep, for one video, kept on the host.
@@ -264,7 +311,7 @@ class DiffutoonConditions:
 
     prompt_embeds: torch.Tensor  # (1, L, D)
     negative_prompt_embeds: torch.Tensor | None  # (1, L, D); None without classifier-free guidance
-    control_frames: list[torch.Tensor]  # one uint8 (N, 3, H, W) per ControlNet
+    control_frames: list  # one uint8 frame array (N, H, W, 3) per ControlNet, in memory or in the render folder
     control_scales: list[float]
     windows: list[tuple[int, int]]  # eq. 2's sliding windows over the video's frames
     guidance_scale: float = 7.0
@@ -272,6 +319,7 @@ class DiffutoonConditions:
     cross_attention_kwargs: dict | None = None
     branch: str = "main"  # "main": controlnet; "edit": edit_controlnet (the editing branch)
     cross_frame: Any = None  # the editing branch's `attention_processors.CrossFrameState`, told each window's length
+    reuse: bool = True  # compute what no window changes once per step and branch (issue 11)
 
     @property
     def do_classifier_free_guidance(self) -> bool:
@@ -281,10 +329,13 @@ class DiffutoonConditions:
 @dataclass
 class DiffutoonPipelineOutput(BaseOutput):
     """`frames[0]` is the rendered video (list of PIL images, array (N, H, W, 3) in [0, 1], or tensor
-    (N, 3, H, W)); `color_frames` the editing branch's colour video when one was made, else None."""
+    (N, 3, H, W)); `color_frames` the editing branch's colour video when one was made, else None; `path` the
+    output file when the frames were streamed into one (`output_path`)."""
 
     frames: Any
     color_frames: Any = None
+    path: Any = None  # where the frames went when `output_path` was given (then `frames` is None)
+    interrupted: bool = False  # stopped by `pipe._interrupt`; the render folder, if any, resumes it
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -448,89 +499,161 @@ class DiffutoonPipeline(
             self._annotators[kind] = detector.to(self._execution_device)
         return self._annotators[kind]
 
-    def annotate(self, frames: torch.Tensor, kind: str, detector=None) -> torch.Tensor:
+    def annotate(self, frames: torch.Tensor, kind: str, detector=None, progress: bool = True) -> torch.Tensor:
         """`kind` condition of uint8 frames (N, 3, H, W) at their own resolution, called as the reference's
         annotator does (detect and output at min(H, W), then resized back)."""
         detector = detector or self.load_annotator(kind)
         n, _, h, w = frames.shape
         resolution = max(min(h, w), 64)  # controlnet-aux rounds sizes to multiples of 64: below 64 it would crash
         out = torch.empty_like(frames)
-        for i in self._bar(range(n), desc=kind):
+        for i in self._bar(range(n), desc=kind) if progress else range(n):
             image = PIL.Image.fromarray(frames[i].permute(1, 2, 0).numpy())
             result = detector(image, detect_resolution=resolution, image_resolution=resolution).convert("RGB")
             out[i] = torch.from_numpy(np.array(result.resize((w, h)))).permute(2, 0, 1)
         return out
 
-    def prepare_control_frames(self, video: torch.Tensor, conditioning_frames, kinds: list[str], height: int,
-                               width: int, detectors: dict | None = None) -> list[torch.Tensor]:
-        """uint8 (N, 3, H, W) condition frames per ControlNet: the user's, or made from `video` by its kind."""
-        out = []
-        for i, kind in enumerate(kinds):
-            given = conditioning_frames[i] if conditioning_frames is not None else None
-            if given is not None:
-                out.append(_resize_uint8(_video_to_uint8(given), height, width))
-            elif kind == "tile":
-                out.append(video)
-            elif kind in ANNOTATORS:
-                out.append(self.annotate(video, kind, (detectors or {}).get(kind)))
-            else:
-                raise ValueError(f"ControlNet {i} is conditioned on {kind!r}: pass its frames in `conditioning_frames`.")
-        return out
+    def prepare_control_frames(self, run, source: _VideoSource, conditioning_frames, kinds: list[str], height: int,
+                               width: int, detectors: dict | None = None, colors=None, branch: str = "main") -> list:
+        """uint8 condition frames (N, H, W, 3) per ControlNet: the user's, the video itself for "tile" (`colors`
+        instead when given: the editing branch's colour video), or an annotator's output. Made CHUNK frames at a time
+        into `run`'s frame arrays (host memory, or the render folder, where chunks written before a crash are kept)."""
+        n, prefix = len(source), "" if branch == "main" else f"{branch}/"
+        arrays = [run.frames(f"{prefix}conditions/{i}-{kind}", (n, height, width, 3), np.uint8)
+                  for i, kind in enumerate(kinds)]
+        given = conditioning_frames or [None] * len(kinds)
+        with self._bar(total=n, desc=f"{branch} conditions ({', '.join(kinds)})") as bar:
+            for chunk, start in enumerate(range(0, n, CHUNK)):
+                end = min(start + CHUNK, n)
+                todo = [i for i, (_, log) in enumerate(arrays) if not log.done(chunk)]
+                video = source.resized(start, end, height, width) if todo else None
+                for i in todo:
+                    if given[i] is not None:
+                        frames = _resize_uint8(_video_to_uint8(given[i][start:end]), height, width)
+                    elif kinds[i] == "tile":
+                        frames = video if colors is None else _VideoSource(colors).resized(start, end, height, width)
+                    else:
+                        frames = self.annotate(video, kinds[i], (detectors or {}).get(kinds[i]), progress=False)
+                    arrays[i][0].write(start, frames.permute(0, 2, 3, 1).numpy())
+                    arrays[i][1].mark(chunk)
+                bar.update(end - start)
+                run.report(stage="conditions", **{"pass": branch}, done=end, total=n, frames=n)
+        return [frames for frames, _ in arrays]
 
     # ------------------------------------------------------------------------------------------------------------
     # The denoiser: a pure function of (latents, timestep, conditions)
 
-    def _window_noise_pred(self, latents: torch.Tensor, t, cond: DiffutoonConditions, start: int, end: int) -> torch.Tensor:
+    def _latent_window(self, latents, start: int, end: int) -> torch.Tensor:
+        """Frames [start, end) of a latent frame array (N, C, h, w) as (1, C, f, h, w) on the execution device."""
+        window = torch.from_numpy(np.ascontiguousarray(latents.read(start, end))).transpose(0, 1)[None]
+        return window.to(self._execution_device, self.unet.dtype).contiguous()
+
+    def _window_noise_pred(self, latents: torch.Tensor, t, cond: DiffutoonConditions, start: int, end: int,
+                           reuse: WindowReuse | None = None) -> torch.Tensor:
         """The whole denoiser on frames [start, end): ControlNets + UNet + motion modules, CFG included (eq. 3, 6).
         `latents` is the window (1, C, F, h, w) on the execution device; returns the guided prediction."""
         if not cond.do_classifier_free_guidance:
-            return self._branch_noise_pred(latents, t, cond.prompt_embeds, cond, start, end)
+            return self._branch_noise_pred(latents, t, cond.prompt_embeds, cond, start, end, reuse, "single")
         if cond.batch_cfg:
             both = torch.cat([cond.negative_prompt_embeds, cond.prompt_embeds])
-            noise_neg, noise_pos = self._branch_noise_pred(latents.expand(2, -1, -1, -1, -1), t, both, cond, start, end).chunk(2)
+            noise_neg, noise_pos = self._branch_noise_pred(latents.expand(2, -1, -1, -1, -1), t, both, cond, start, end,
+                                                           reuse, "cfg").chunk(2)
         else:
-            noise_neg = self._branch_noise_pred(latents, t, cond.negative_prompt_embeds, cond, start, end)
-            noise_pos = self._branch_noise_pred(latents, t, cond.prompt_embeds, cond, start, end)
+            noise_neg = self._branch_noise_pred(latents, t, cond.negative_prompt_embeds, cond, start, end, reuse, "neg")
+            noise_pos = self._branch_noise_pred(latents, t, cond.prompt_embeds, cond, start, end, reuse, "pos")
         return classifier_free_guidance(noise_neg, noise_pos, cond.guidance_scale)
 
-    def _branch_noise_pred(self, latents, t, embeds, cond, start, end):
-        """One UNet call on a batch of B windows (B = CFG branches); each ControlNet gets its branch's embedding."""
+    def _controlnet_residuals(self, latents, t, embeds, cond: DiffutoonConditions, start: int, end: int):
+        """Sum over ControlNets of scale x residuals for frames [start, end) of B branches: latents (B, C, F, h, w),
+        embeds (B F, L, D), each ControlNet with its branch's embedding. Returns (down residuals, mid residual)."""
         device, dtype = latents.device, self.unet.dtype
         b, c, f, h, w = latents.shape
-        embeds = embeds.to(device, dtype).repeat_interleave(f, dim=0)  # (B F, L, D): per frame, branch-major
         frames_latents = latents.transpose(1, 2).reshape(b * f, c, h, w)
-        if cond.cross_frame is not None:
-            cond.cross_frame.num_frames = f  # joint attention within each branch's f frames
         nets = self.edit_controlnets if cond.branch == "edit" else self.controlnets
         down, mid = None, None
         for net, frames, scale in zip(nets, cond.control_frames, cond.control_scales):
-            image = (frames[start:end].to(device).to(dtype) / 255).repeat(b, 1, 1, 1)
+            image = torch.from_numpy(np.ascontiguousarray(frames.read(start, end))).permute(0, 3, 1, 2).contiguous()
+            image = (image.to(device).to(dtype) / 255).repeat(b, 1, 1, 1)
             d, m = net(frames_latents, t, encoder_hidden_states=embeds, controlnet_cond=image,
                        conditioning_scale=scale, return_dict=False)
             down = d if down is None else [x + y for x, y in zip(down, d)]
             mid = m if mid is None else mid + m
-        return self.unet(latents, t, encoder_hidden_states=embeds, cross_attention_kwargs=cond.cross_attention_kwargs,
-                         down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+        return down, mid
 
-    def denoise_windows(self, latents: torch.Tensor, t, cond: DiffutoonConditions, windows=None,
-                        progress_bar=None) -> torch.Tensor:
-        """Sum over `windows` (default: all) of eq. 4's normalised weights times each window's prediction,
-        float32 on the host. Summing the results of disjoint window sets (e.g. across devices) gives `denoise`."""
-        all_windows = cond.windows
-        weights = dict(zip(all_windows, window_blend_weights(all_windows, latents.shape[2])))
-        total = torch.zeros(latents.shape, dtype=torch.float32)
-        device = self._execution_device
-        for start, end in all_windows if windows is None else windows:
-            window = latents[:, :, start:end].to(device, self.unet.dtype)
-            noise = self._window_noise_pred(window, t, cond, start, end)
-            total[:, :, start:end] += weights[(start, end)].view(1, 1, -1, 1, 1) * noise.float().cpu()
-            if progress_bar is not None:
-                progress_bar.update()
-        return total
+    def _branch_noise_pred(self, latents, t, embeds, cond, start, end, reuse=None, key="single"):
+        """One UNet call on a batch of B windows (B = CFG branches); the ControlNet residuals and the UNet's first
+        layers come from `reuse` when given (computed once per frame and step), else are computed here."""
+        b, f = latents.shape[0], latents.shape[2]
+        embeds = embeds.to(latents.device, self.unet.dtype).repeat_interleave(f, dim=0)  # (B F, L, D): branch-major
+        if cond.cross_frame is not None:
+            cond.cross_frame.num_frames = f  # joint attention within each branch's f frames
+        if reuse is None:
+            down, mid = self._controlnet_residuals(latents, t, embeds, cond, start, end)
+            prefix = nullcontext()
+        else:
+            down, mid = reuse.controlnet_residuals(key, b, start, end)
+            prefix = reuse.unet_prefix(self.unet, key, b, start, end)
+        with prefix:
+            return self.unet(latents, t, encoder_hidden_states=embeds, cross_attention_kwargs=cond.cross_attention_kwargs,
+                             down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
 
-    def denoise(self, latents: torch.Tensor, t, cond: DiffutoonConditions, progress_bar=None) -> torch.Tensor:
-        """The full-length noise prediction (1, C, N, h, w) for the whole video at timestep `t` (eqs. 3-7)."""
-        return self.denoise_windows(latents, t, cond, progress_bar=progress_bar)
+    def _window_reuse(self, latents, t, cond: DiffutoonConditions) -> WindowReuse:
+        """The caches of one step's per-frame work (diffutoon/reuse.py), fed from the full-length latents."""
+        both = torch.cat([cond.negative_prompt_embeds, cond.prompt_embeds]) if cond.do_classifier_free_guidance else None
+        embeds = {"single": cond.prompt_embeds, "pos": cond.prompt_embeds, "neg": cond.negative_prompt_embeds, "cfg": both}
+
+        def inputs(key, start, end):
+            x = self._latent_window(latents, start, end)
+            e = embeds[key].to(x.device, self.unet.dtype)
+            return x.expand(e.shape[0], -1, -1, -1, -1), e.repeat_interleave(end - start, dim=0)
+
+        def controlnet(key, start, end):
+            x, e = inputs(key, start, end)
+            down, mid = self._controlnet_residuals(x, t, e, cond, start, end)
+            return [*down, mid]
+
+        def prefix(key, start, end):
+            x, e = inputs(key, start, end)
+            return compute_prefix(self.unet, x, t, encoder_hidden_states=e,
+                                  cross_attention_kwargs=cond.cross_attention_kwargs)
+
+        # the editing branch's first transformer attends across frames: only its ControlNets are per frame
+        window_independent_prefix = cond.cross_frame is None and has_prefix(self.unet)
+        return WindowReuse(cond.windows, controlnet, prefix if window_independent_prefix else None)
+
+    def iter_window_predictions(self, latents, t, cond: DiffutoonConditions, windows=None):
+        """Yield (start, end, weighted prediction) for `windows` (default: all), in order: eq. 4's normalised weight
+        times the window's guided noise prediction, float32 (1, C, f, h, w) on the host. Stops early on interrupt.
+        `latents` is a frame array (N, C, h, w) (diffutoon/render_folder.py)."""
+        weights = dict(zip(cond.windows, window_blend_weights(cond.windows, len(latents))))
+        windows = cond.windows if windows is None else list(windows)
+        reuse = self._window_reuse(latents, t, cond) if cond.reuse else None
+        self._last_reuse = reuse  # tests read how much it held
+        for k, (start, end) in enumerate(windows):
+            if self.interrupt:
+                return
+            noise = self._window_noise_pred(self._latent_window(latents, start, end), t, cond, start, end, reuse)
+            yield start, end, weights[(start, end)].view(1, 1, -1, 1, 1) * noise.float().cpu()
+            if reuse is not None:  # what no later window covers is dropped
+                reuse.release_before(windows[k + 1][0] if k + 1 < len(windows) else end)
+
+    def denoise_windows(self, latents, t, cond: DiffutoonConditions, windows=None, out=None, on_window=None):
+        """Sum over `windows` (default: all) of their weighted predictions into `out`, a zeroed float32 frame array
+        (N, C, h, w) (default: a new one in host memory); None if interrupted before the last window. Summing the
+        results of disjoint window sets (e.g. across devices) gives `denoise`."""
+        windows = cond.windows if windows is None else list(windows)
+        out = HostFrames(np.zeros(latents.shape, np.float32)) if out is None else out
+        done = 0
+        for start, end, weighted in self.iter_window_predictions(latents, t, cond, windows):
+            out.write(start, out.read(start, end) + weighted[0].transpose(0, 1).numpy())
+            done += 1
+            if on_window is not None:
+                on_window()
+        return out if done == len(windows) else None
+
+    def denoise(self, latents, t, cond: DiffutoonConditions, out=None, on_window=None):
+        """The full-length noise prediction (N, C, h, w) for the whole video at timestep `t` (eqs. 3-7), as a frame
+        array; `latents` is one too. None if interrupted."""
+        return self.denoise_windows(latents, t, cond, out=out, on_window=on_window)
 
     # ------------------------------------------------------------------------------------------------------------
     # VAE
@@ -545,19 +668,29 @@ class DiffutoonPipeline(
             out.append(self.vae.encode(pixels).latent_dist.mean.float().cpu() * self.vae.config.scaling_factor)
         return torch.cat(out).transpose(0, 1)[None]
 
-    @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor, decode_chunk_size: int = 8, output_type: str = "pil"):
-        """Decode (1, C, N, h, w) host latents a chunk of frames at a time into `output_type` frames
-        ("pil", "np", "pt", or "uint8": an array (N, H, W, 3) converted chunk by chunk, a quarter of "np")."""
-        device, dtype = self._execution_device, self.vae.dtype
-        chunks = []
-        for i in self._bar(range(0, latents.shape[2], decode_chunk_size), desc="decoding"):
-            z = latents[0, :, i : i + decode_chunk_size].transpose(0, 1).to(device, dtype) / self.vae.config.scaling_factor
-            pixels = self.vae.decode(z).sample.float()  # (n, 3, H, W) in [-1, 1]
+    def _decoded(self, latents, decode_chunk_size: int, output_type: str, desc: str = "decoding", report=None):
+        """Decode a latent frame array (N, C, h, w) a chunk of frames at a time; yields each chunk as `output_type`
+        ("np": float (n, H, W, 3) in [0, 1]; "pt": (n, 3, H, W); "uint8": (n, H, W, 3), as diffusers' numpy_to_pil).
+        `report(**progress)` hears of each chunk."""
+        device, dtype, n = self._execution_device, self.vae.dtype, len(latents)
+        for i in self._bar(range(0, n, decode_chunk_size), desc=desc):
+            if report is not None:
+                report(stage="decoding", done=i, total=n)
+            z = torch.from_numpy(np.ascontiguousarray(latents.read(i, i + decode_chunk_size)))
+            pixels = self.vae.decode(z.to(device, dtype) / self.vae.config.scaling_factor).sample.float()
             chunk = self.video_processor.postprocess(pixels, output_type="pt" if output_type == "pt" else "np")
-            if output_type in ("pil", "uint8"):
-                chunk = (chunk * 255).round().astype(np.uint8)  # as diffusers' numpy_to_pil, chunk by chunk
-            chunks.append(chunk.cpu() if output_type == "pt" else chunk)
+            if output_type == "uint8":
+                chunk = (chunk * 255).round().astype(np.uint8)
+            yield chunk.cpu() if output_type == "pt" else chunk
+
+    @torch.no_grad()
+    def decode_latents(self, latents, decode_chunk_size: int = 8, output_type: str = "pil", report=None):
+        """Decode latents (1, C, N, h, w), or a latent frame array (N, C, h, w), a chunk of frames at a time into
+        `output_type` frames ("pil", "np", "pt", or "uint8": an array (N, H, W, 3), a quarter of "np")."""
+        if isinstance(latents, torch.Tensor):
+            latents = HostFrames(latents[0].transpose(0, 1).numpy())
+        kind = "uint8" if output_type == "pil" else output_type
+        chunks = list(self._decoded(latents, decode_chunk_size, kind, report=report))
         if output_type == "pil":
             return [PIL.Image.fromarray(frame) for chunk in chunks for frame in chunk]
         return torch.cat(chunks) if output_type == "pt" else np.concatenate(chunks)
@@ -688,11 +821,20 @@ class DiffutoonPipeline(
         edit_prompt: str | None = None,
         color_video=None,
         edit_kwargs: dict | None = None,
+        reuse_across_windows: bool = True,
+        render_dir: str | os.PathLike | None = None,
+        fresh: bool = False,
+        keep_render_dir: bool = False,
+        output_path: str | os.PathLike | None = None,
+        fps: float | None = None,
+        progress_callback: Callable[[dict], None] | None = None,
     ):
         r"""Render `video` in the toon style.
 
         Args:
-            video: the input video: list of PIL images, uint8 array (N, H, W, 3), or tensor (uint8, or float in [0, 1]).
+            video: the input video: list of PIL images, uint8 array (N, H, W, 3), tensor (uint8, or float in [0, 1]),
+                or a video file (path, or a `diffutoon.video.VideoClip` selecting and resizing frames), decoded a
+                range of frames at a time.
             prompt / negative_prompt: one string each. The reference's negative prompt is the textual inversion
                 `verybadimagenegative_v1.3` (load it with `load_textual_inversion`).
             height, width: output size (multiples of 8); defaults to the video's. Frames are centre-cropped and resized.
@@ -716,77 +858,103 @@ class DiffutoonPipeline(
                 tile ControlNet's input and is returned as `color_frames`. Needs `edit_controlnet` loaded.
             color_video: your own colour video (one frame per video frame) for the tile ControlNet instead.
             edit_kwargs: settings of the editing branch over SPEC's defaults (see `make_color_video`).
+            reuse_across_windows (True): compute each frame's ControlNet residuals and the UNet's layers before its
+                first motion module once per step and CFG branch, and reuse them in every window covering the frame
+                (the same result within float rounding, about 0.77x the work at 1536x1536). False: the reference's
+                schedule, where every window runs everything.
+            render_dir: a folder for the render's state (condition frames, the latents after every step, progress):
+                host memory then stays bounded by a window whatever the length, and the same call with the same
+                folder resumes after a crash, bit-identical to an uninterrupted render. A folder holding another
+                render is refused, naming what differs. Removed once the output is complete.
+            fresh (False): start over, wiping what `render_dir` holds. keep_render_dir (False): keep it afterwards.
+            output_path: stream the frames into this video file (.mp4, .mov, .m4v, .mkv; written under a temporary
+                name and moved into place when complete, replacing what was there) or folder of PNGs, instead of
+                returning them; `fps` defaults to the source file's. The source file's audio is kept.
+            progress_callback: `fn(progress: dict)` after every window and stage change: stage, pass, step, steps,
+                window, windows, done, total, eta_seconds... (the dict `render_dir/progress.json` holds).
+
+        Setting `pipe._interrupt = True` (from a callback or another thread) stops at the next window. With
+        `render_dir`, the call then returns `frames=None, interrupted=True` and the folder resumes it later;
+        without, the last completed step is decoded, as in diffusers.
 
         Examples:
         """
-        # 0. Inputs to host uint8 frames; defaults from the video
-        video = _video_to_uint8(video) if video is not None else None
+        arguments = dict(locals())  # the call as given: the render folder's identity is made from it
+        # 0. The input: frames in memory, or a video file decoded a range of frames at a time
         if video is None:
-            raise ValueError("`video` is required: a list of PIL images or a uint8 array (N, H, W, 3).")
-        height = height or video.shape[2]
-        width = width or video.shape[3]
+            raise ValueError("`video` is required: a list of PIL images, a uint8 array (N, H, W, 3) or a video file.")
+        source = _as_source(video)
+        height, width = height or source.height, width or source.width
         if motion_groupnorm not in ("per_frame", "diffusers"):
             raise ValueError(f"motion_groupnorm must be 'per_frame' or 'diffusers', got {motion_groupnorm!r}.")
 
         # 1. Check inputs before any model runs
-        self.check_inputs(video, prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
+        self.check_inputs(source, prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
                           context_length, context_stride, controlnet_conditioning_scale, conditioning_frames, strength,
                           output_type, callback_on_step_end_tensor_inputs, latents)
-        edit_kwargs = self._check_edit(video, edit_prompt, color_video, edit_kwargs)
+        edit_settings = self._check_edit(source, edit_prompt, color_video, edit_kwargs)
+        fps = self._check_output(output_path, fps, source)
         prompt = prompt if isinstance(prompt, str) else prompt[0]
         negative_prompt = "" if negative_prompt is None else negative_prompt if isinstance(negative_prompt, str) else negative_prompt[0]
-        num_frames = video.shape[0]
-        device = self._execution_device
+        kinds = self.config.controlnet_conditions.split(",")
         self._interrupt = False
 
-        # 2. The editing branch (optional): a prompt-edited, deflickered colour video for the tile ControlNet
-        if edit_prompt is not None:
-            edit_kwargs.setdefault("cross_attention_kwargs", cross_attention_kwargs)  # LoRA scales apply to both passes
-            color_video = self.make_color_video(video, edit_prompt, negative_prompt, generator=generator, **edit_kwargs)
-        kinds = self.config.controlnet_conditions.split(",")
-        if color_video is not None:
-            colors = _resize_uint8(_video_to_uint8(color_video), height, width)
-            conditioning_frames = [colors if kind == "tile" else (conditioning_frames or [None] * len(kinds))[i]
-                                   for i, kind in enumerate(kinds)]
+        # 2. The render's state: in host memory, or a render folder that survives a crash (and resumes this render)
+        run = self._open_render(render_dir, fresh, progress_callback, arguments, source, height, width, edit_settings)
+        with run:  # on success the folder goes (unless kept); on an error or an interrupt it stays, resumable
+            # 3. The editing branch (optional): a prompt-edited, deflickered colour video for the tile ControlNet
+            if edit_prompt is not None:
+                edit_settings.setdefault("cross_attention_kwargs", cross_attention_kwargs)  # LoRA scales: both passes
+                color_video = self._edit_pass(run, source, edit_prompt, negative_prompt, generator, **edit_settings)
+                if color_video is None:
+                    return self._interrupted(run, return_dict)
+            elif color_video is not None:
+                color_video = HostFrames(_video_to_uint8(color_video).permute(0, 2, 3, 1).numpy())
 
-        # 3. Condition frames on the host, uint8, at the output resolution
-        video = _resize_uint8(video, height, width)
-        control_frames = self.prepare_control_frames(video, conditioning_frames, kinds, height, width,
-                                                     {"lineart": lineart_detector})
-        scales = _per_net(controlnet_conditioning_scale, len(self.controlnets))
+            # 4. Condition frames, uint8 at the output size, a chunk of frames at a time
+            control_frames = self.prepare_control_frames(run, source, conditioning_frames, kinds, height, width,
+                                                         {"lineart": lineart_detector}, colors=color_video)
 
-        # 4. Text embeddings (the negative one only with guidance)
-        prompt_embeds, negative_prompt_embeds = self._encode_pair(prompt, negative_prompt, clip_skip, guidance_scale > 1,
-                                                                  batch_cfg, (cross_attention_kwargs or {}).get("scale"))
-        windows = sliding_windows(num_frames, context_length, context_stride)
-        cond = DiffutoonConditions(prompt_embeds, negative_prompt_embeds, control_frames, scales, windows,
-                                   guidance_scale, batch_cfg, cross_attention_kwargs)
+            # 5. Text embeddings (the negative one only with guidance) and the windows
+            prompt_embeds, negative_prompt_embeds = self._encode_pair(prompt, negative_prompt, clip_skip,
+                                                                      guidance_scale > 1, batch_cfg,
+                                                                      (cross_attention_kwargs or {}).get("scale"))
+            cond = DiffutoonConditions(prompt_embeds, negative_prompt_embeds, control_frames,
+                                       _per_net(controlnet_conditioning_scale, len(kinds)),
+                                       sliding_windows(len(source), context_length, context_stride), guidance_scale,
+                                       batch_cfg, cross_attention_kwargs, reuse=reuse_across_windows)
 
-        # 5. Timesteps
-        timesteps = self._timesteps(self.scheduler, num_inference_steps, strength, device)
-        self._num_timesteps = len(timesteps)
+            # 6. Timesteps
+            timesteps = self._timesteps(self.scheduler, num_inference_steps, strength, self._execution_device)
+            self._num_timesteps = len(timesteps)
 
-        # 6. Initial latents on the host: pure noise (eq. 1), or the noised video for strength < 1
-        shape = (1, self.unet.config.in_channels, num_frames, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        if latents is None:
-            latents = _host_randn(shape, generator)
-        latents = latents.float().cpu() * self.scheduler.init_noise_sigma
-        if strength < 1:
-            latents = self.scheduler.add_noise(self.encode_video(video, decode_chunk_size), latents, timesteps[:1])
+            # 7. Initial latents (pure noise, eq. 1, or the noised video for strength < 1), or the last checkpoint
+            latents, first_step = self._initial_latents(run, "main", self.scheduler, timesteps, source, height, width,
+                                                        latents, generator, strength, decode_chunk_size)
 
-        # 7. Denoising loop: the sampler sees only full-length latents and noise predictions
-        with per_frame_motion_groupnorm(self.unet, motion_groupnorm == "per_frame"):
-            latents = self._sample(latents, timesteps, cond, self.scheduler, "denoising (steps x windows)",
-                                   callback_on_step_end, callback_on_step_end_tensor_inputs)
+            # 8. Denoising loop: the sampler sees only full-length latents and noise predictions
+            with per_frame_motion_groupnorm(self.unet, motion_groupnorm == "per_frame"):
+                latents, complete = self._sample(run, "main", latents, first_step, timesteps, cond, self.scheduler,
+                                                 "denoising (steps x windows)", callback_on_step_end,
+                                                 callback_on_step_end_tensor_inputs, generator)
+            if not complete and render_dir is not None:
+                return self._interrupted(run, return_dict)
 
-        # 8. Decode a chunk at a time
-        frames = latents if output_type == "latent" else self.decode_latents(latents, decode_chunk_size, output_type)
+            # 9. Decode a chunk of frames at a time, into memory or straight into the output file
+            frames = self._output(run, latents, output_type, output_path, fps, source, decode_chunk_size)
+            run.finish(complete)
         self.maybe_free_model_hooks()
-        frames = [frames] if output_type == "pil" else frames if output_type == "latent" else frames[None]
-        color_frames = None if color_video is None or edit_prompt is None else color_video
+        color_frames = color_video.array if edit_prompt is not None and isinstance(color_video, HostFrames) else None
         if not return_dict:
             return (frames, color_frames)
-        return DiffutoonPipelineOutput(frames=frames, color_frames=color_frames)
+        return DiffutoonPipelineOutput(frames=frames, color_frames=color_frames, interrupted=not complete,
+                                       path=None if output_path is None else Path(output_path))
+
+    def _interrupted(self, run, return_dict: bool):
+        """What an interrupted call with a render folder returns; the folder holds the last completed step."""
+        run.report(stage="interrupted")
+        self.maybe_free_model_hooks()
+        return DiffutoonPipelineOutput(frames=None, interrupted=True) if return_dict else (None, None)
 
     def _encode_pair(self, prompt: str, negative_prompt: str, clip_skip, do_cfg: bool, batch_cfg: bool = True,
                      lora_scale: float | None = None):
@@ -821,29 +989,156 @@ class DiffutoonPipeline(
             source = _fold_kohya_alphas(source)
         return super().load_lora_weights(source, adapter_name=adapter_name, **kwargs)
 
-    def _sample(self, latents, timesteps, cond: DiffutoonConditions, scheduler, desc: str, callback=None,
-                callback_inputs=("latents",)) -> torch.Tensor:
-        """The sampler: full-length noise prediction, scheduler step, callback; it never sees a window."""
-        with self._bar(total=len(timesteps) * len(cond.windows), desc=desc) as bar:
-            for i, t in enumerate(timesteps):
+    # ------------------------------------------------------------------------------------------------------------
+    # The render's state and the sampler
+
+    def _open_render(self, render_dir, fresh: bool, progress_callback, arguments: dict, source, height: int,
+                     width: int, edit_settings: dict):
+        """`InMemoryRender` without a folder; else a `RenderFolder` whose identity (every setting that changes the
+        result, the input, the models, the versions) must match the folder's to resume it."""
+        if render_dir is None:
+            return InMemoryRender(progress_callback)
+        ignored = ("self", "video", "output_type", "return_dict", "callback_on_step_end", "render_dir", "fresh",
+                   "keep_render_dir", "output_path", "fps", "progress_callback", "edit_kwargs")
+        settings = {k: _identity_value(v) for k, v in arguments.items() if k not in ignored}
+        settings["edit"] = {k: _identity_value(v) for k, v in edit_settings.items()}
+        settings["scheduler"] = [type(self.scheduler).__name__,
+                                 _identity_value({k: v for k, v in self.scheduler.config.items() if k[0] != "_"})]
+        settings["pipeline"] = {"controlnet_conditions": self.config.controlnet_conditions,
+                                "edit_controlnet_conditions": self.config.edit_controlnet_conditions,
+                                "dtype": str(self.unet.dtype), "device": self._execution_device.type}
+        models = {name: module_fingerprint(module) for name, module in self.components.items()
+                  if isinstance(module, torch.nn.Module)}
+        models["tokenizer"] = len(self.tokenizer)
+        identity = {"settings": settings, "input": source.identity(), "models": models, "versions": _versions()}
+        needed = _folder_bytes(len(source), height, width, len(self.controlnets), self.vae_scale_factor, edit_settings,
+                               len(self.edit_controlnets))
+        return RenderFolder(render_dir, identity, fresh, progress_callback, needed, keep=arguments["keep_render_dir"])
+
+    def _initial_latents(self, run, name: str, scheduler, timesteps, source, height: int, width: int, latents,
+                         generator, strength: float, chunk_size: int, one_sample: bool = False):
+        """(latent frame array (N, C, h, w), completed steps): the last intact checkpoint of pass `name`, else the
+        start: the given `latents` or noise drawn on the host (`one_sample`: one sample repeated over the frames),
+        noised from the video's VAE encoding for strength < 1 (a chunk of frames at a time), saved as step 0."""
+        resumed = run.resume(name)
+        if resumed is not None:
+            step, frames, state = resumed
+            _restore(scheduler, generator, state)
+            if step:
+                logger.warning(f"resuming the {name} pass at step {step + 1} of {len(timesteps)}")
+            return frames, step
+        n, c = len(source), self.unet.config.in_channels
+        h, w = height // self.vae_scale_factor, width // self.vae_scale_factor
+        frames = run.latents(name, 0, (n, c, h, w))
+        if latents is not None:
+            frames.write(0, latents[0].transpose(0, 1).float().cpu().numpy())
+        elif one_sample:
+            frames.write(0, _host_randn((1, c, 1, h, w), generator)[0].transpose(0, 1).expand(n, -1, -1, -1).numpy())
+        else:
+            randn_into(frames, generator)  # the numbers of one host draw of (1, C, N, h, w), a piece at a time
+        for start in range(0, n, chunk_size):  # the same VAE batches as `encode_video`
+            noise = torch.from_numpy(frames.read(start, start + chunk_size))
+            if strength < 1:  # diffusers' img2img: add_noise scales the noise itself
+                x0 = self.encode_video(source.resized(start, start + chunk_size, height, width), chunk_size)
+                frames.write(start, scheduler.add_noise(x0[0].transpose(0, 1), noise, timesteps[:1]).numpy())
+            elif scheduler.init_noise_sigma != 1:
+                frames.write(start, (noise * scheduler.init_noise_sigma).numpy())
+        run.checkpoint(name, 0, frames, _state(scheduler, generator))
+        return frames, 0
+
+    def _sample(self, run, name: str, latents, first_step: int, timesteps, cond: DiffutoonConditions, scheduler,
+                desc: str, callback=None, callback_inputs=("latents",), generator=None):
+        """The sampler: full-length noise prediction, scheduler step, callback, checkpoint; it never sees a window.
+        Starts after `first_step` completed steps (a resumed render). Returns (the latents of the last completed
+        step, whether every step ran)."""
+        num_windows, num_steps = len(cond.windows), len(timesteps)
+        with self._bar(total=(num_steps - first_step) * num_windows, desc=desc) as bar:
+            for i, t in enumerate(timesteps[first_step:], start=first_step):
                 if self.interrupt:
-                    continue
-                noise_pred = self.denoise(latents, t, cond, progress_bar=bar)
-                latents = scheduler.step(noise_pred, t, latents).prev_sample.float()
+                    return latents, False
+                windows_done = iter(range(1, num_windows + 1))
+
+                def on_window():
+                    window = next(windows_done)
+                    bar.update()
+                    run.report(stage="denoising", **{"pass": name}, step=i, steps=num_steps, window=window,
+                               windows=num_windows, done=i * num_windows + window, total=num_steps * num_windows,
+                               frames=len(latents))
+
+                noise = self.denoise(latents, t, cond, out=run.scratch(f"{name}-noise", latents.shape),
+                                     on_window=on_window)
+                if noise is None:  # interrupted within the step: it is dropped
+                    return latents, False
+                latents = self._step(scheduler, noise, t, latents, run.latents(name, i + 1, latents.shape))
                 if callback is not None:
-                    tensors = {"latents": latents, "prompt_embeds": cond.prompt_embeds,
-                               "negative_prompt_embeds": cond.negative_prompt_embeds}
-                    outputs = callback(self, i, t, {k: tensors[k] for k in callback_inputs}) or {}
-                    latents = outputs.pop("latents", latents)
-                    cond.prompt_embeds = outputs.pop("prompt_embeds", cond.prompt_embeds)
-                    cond.negative_prompt_embeds = outputs.pop("negative_prompt_embeds", cond.negative_prompt_embeds)
-        return latents
+                    self._callback(callback, callback_inputs, i, t, latents, cond)
+                run.checkpoint(name, i + 1, latents, _state(scheduler, generator))
+        return latents, True
+
+    @staticmethod
+    def _step(scheduler, noise, t, latents, out):
+        """One scheduler step of the whole video into the frame array `out`. The reference DDIM is elementwise: it
+        steps a few frames at a time, so host memory holds those; other schedulers get diffusers' full tensors."""
+        if hasattr(scheduler, "step_function"):
+            step = scheduler.step_function(t)
+            for start in range(0, len(latents), 4 * CHUNK):
+                end = start + 4 * CHUNK
+                out.write(start, step(torch.from_numpy(noise.read(start, end)),
+                                      torch.from_numpy(latents.read(start, end))).numpy())
+        else:
+            x = scheduler.step(_video_latents(noise), t, _video_latents(latents)).prev_sample.float()
+            out.write(0, x[0].transpose(0, 1).numpy())
+        return out
+
+    def _callback(self, callback, callback_inputs, i: int, t, latents, cond: DiffutoonConditions):
+        """diffusers' `callback_on_step_end`: it sees video latents (1, C, N, h, w) and may replace them and the
+        embeddings."""
+        tensors = {"latents": _video_latents(latents), "prompt_embeds": cond.prompt_embeds,
+                   "negative_prompt_embeds": cond.negative_prompt_embeds}
+        outputs = callback(self, i, t, {k: tensors[k] for k in callback_inputs}) or {}
+        if "latents" in outputs:
+            latents.write(0, outputs.pop("latents")[0].transpose(0, 1).float().cpu().numpy())
+        cond.prompt_embeds = outputs.pop("prompt_embeds", cond.prompt_embeds)
+        cond.negative_prompt_embeds = outputs.pop("negative_prompt_embeds", cond.negative_prompt_embeds)
+
+    def _output(self, run, latents, output_type: str, output_path, fps, source, decode_chunk_size: int):
+        """The frames as `output_type`, or None once streamed into `output_path` (a video file or PNG folder)."""
+        n = len(latents)
+        if output_type == "latent":
+            return _video_latents(latents).contiguous().clone()
+        if output_path is None:  # diffusers' batch of one video
+            frames = self.decode_latents(latents, decode_chunk_size, output_type, report=run.report)
+            return [frames] if output_type == "pil" else frames[None]
+        from diffutoon import video as vio
+
+        clip = source.clip if hasattr(source.clip, "audio_span") else None
+        chunks = self._decoded(latents, decode_chunk_size, "uint8", report=run.report)
+        vio.write_output(output_path, chunks, fps, audio_from=getattr(clip, "path", None),
+                         audio_span=clip.audio_span() if clip is not None else None, overwrite=True,
+                         progress=not getattr(self, "_progress_bar_config", {}).get("disable", False), total=n)
+        return None
+
+    def _check_output(self, output_path, fps, source):
+        """Before any work: the output path's kind and the frame rate a video file needs."""
+        if output_path is None:
+            return fps
+        from diffutoon import video as vio
+
+        suffix = Path(output_path).suffix.lower()
+        if suffix and suffix not in vio.VIDEO_SUFFIXES:
+            raise ValueError(f"output_path {output_path}: use a video file ({', '.join(vio.VIDEO_SUFFIXES)}) or a "
+                             "folder path without a suffix for PNG frames.")
+        fps = fps or getattr(source.clip, "fps", None)
+        if suffix and not (fps and fps > 0):
+            raise ValueError("output_path is a video file: pass fps= (the frame rate), or pass the video as a file.")
+        return fps
 
     # ------------------------------------------------------------------------------------------------------------
     # The editing branch (paper 3.2, SPEC 2)
 
-    def _check_edit(self, video: torch.Tensor, edit_prompt, color_video, edit_kwargs) -> dict:
-        """Checks of the editing branch's inputs, before any model runs; returns its settings."""
+    def _check_edit(self, video, edit_prompt, color_video, edit_kwargs) -> dict:
+        """Checks of the editing branch's inputs, before any model runs; returns its settings (`make_color_video`'s
+        defaults, then `edit_kwargs`), or {} without `edit_prompt`."""
         edit_kwargs = dict(edit_kwargs or {})
         unknown = set(edit_kwargs) - set(inspect.signature(self.make_color_video).parameters) | \
             ({"video", "edit_prompt", "negative_prompt", "generator"} & set(edit_kwargs))
@@ -856,13 +1151,15 @@ class DiffutoonPipeline(
         if (edit_prompt is not None or color_video is not None) and "tile" not in self.config.controlnet_conditions.split(","):
             raise ValueError("The colour video feeds the tile ControlNet, and this pipeline has none "
                              f"(controlnet_conditions={self.config.controlnet_conditions!r}).")
-        if edit_prompt is not None:
-            settings = {**{k: p.default for k, p in inspect.signature(self.make_color_video).parameters.items()
-                           if p.default is not inspect.Parameter.empty}, **edit_kwargs}
-            self._check_edit_settings(video, **{k: settings[k] for k in (
-                "height", "width", "num_inference_steps", "strength", "context_length", "context_stride",
-                "conditioning_frames", "controlnet_conditioning_scale")})
-        return edit_kwargs
+        if edit_prompt is None:
+            return {}
+        settings = {**{k: p.default for k, p in inspect.signature(self.make_color_video).parameters.items()
+                       if p.default is not inspect.Parameter.empty}, **edit_kwargs}
+        settings.pop("negative_prompt"), settings.pop("generator")
+        self._check_edit_settings(video, **{k: settings[k] for k in (
+            "height", "width", "num_inference_steps", "strength", "context_length", "context_stride",
+            "conditioning_frames", "controlnet_conditioning_scale")})
+        return settings
 
     def _check_edit_settings(self, video, height, width, num_inference_steps, strength, context_length,
                              context_stride, conditioning_frames, controlnet_conditioning_scale):
@@ -898,6 +1195,7 @@ class DiffutoonPipeline(
         decode_chunk_size: int = 8,
         scheduler=None,
         cross_attention_kwargs: dict | None = None,
+        reuse_across_windows: bool = True,
     ) -> np.ndarray:
         """The editing branch: the edited colour video, uint8 (N, height, width, 3), SPEC 2's defaults.
 
@@ -912,40 +1210,146 @@ class DiffutoonPipeline(
             fastblend: options of `fastblend.smooth_video` over the defaults, or False to skip the smoothing.
             scheduler: defaults to the reference DDIM with scaled-linear betas.
             cross_attention_kwargs: as in `__call__` (e.g. {"scale": 0.7} scales LoRAs, text encoder included).
+            reuse_across_windows: as in `__call__`: the ControlNets run once per frame and step.
         """
+        settings = dict(locals())
+        source = _as_source(settings.pop("video"))
+        del settings["self"]
+        self._check_edit_settings(source, height, width, num_inference_steps, strength, context_length, context_stride,
+                                  conditioning_frames, controlnet_conditioning_scale)
+        self._interrupt = False
+        colors = self._edit_pass(InMemoryRender(), source, **settings)
+        return None if colors is None else colors.array
+
+    def _edit_pass(self, run, source, edit_prompt, negative_prompt, generator, height, width, num_inference_steps,
+                   guidance_scale, strength, context_length, context_stride, controlnet_conditioning_scale, clip_skip,
+                   conditioning_frames, detectors, cross_frame_mode, fastblend, decode_chunk_size, scheduler,
+                   cross_attention_kwargs, reuse_across_windows):
+        """The editing branch's colour video as a frame array (N, height, width, 3) of `run` (stages done before a
+        crash are kept), or None if interrupted. `make_color_video` documents the settings."""
         from attention_processors import cross_frame_attention
 
-        video = _video_to_uint8(video)
-        self._check_edit_settings(video, height, width, num_inference_steps, strength, context_length, context_stride,
-                                  conditioning_frames, controlnet_conditioning_scale)
-        kinds = self.config.edit_controlnet_conditions.split(",")
-        frames = _resize_uint8(video, height, width)
-        control_frames = self.prepare_control_frames(frames, conditioning_frames, kinds, height, width, detectors)
-        scales = _per_net(controlnet_conditioning_scale, len(kinds))
+        n, kinds = len(source), self.config.edit_controlnet_conditions.split(",")
+        colors = run.frames("edit/colors", (n, height, width, 3), np.uint8)[0]
+        scheduler = scheduler or DiffutoonDDIMScheduler(beta_schedule="scaled_linear")
+        if run.stage_done("edit"):  # the generator as it was after the branch drew its noise
+            _restore(None, generator, run.resume("edit")[2])
+            return colors
+        frames, written = run.frames("edit/frames", (n, height, width, 3), np.uint8)  # the video at the branch's size
+        for chunk, start in enumerate(range(0, n, CHUNK)):
+            if not written.done(chunk):
+                frames.write(start, source.resized(start, start + CHUNK, height, width).permute(0, 2, 3, 1).numpy())
+                written.mark(chunk)
+        frames = _VideoSource(frames)
+        control_frames = self.prepare_control_frames(run, frames, conditioning_frames, kinds, height, width, detectors,
+                                                     branch="edit")
         prompt_embeds, negative_prompt_embeds = self._encode_pair(edit_prompt, negative_prompt, clip_skip,
                                                                   guidance_scale > 1, True,
                                                                   (cross_attention_kwargs or {}).get("scale"))
-        windows = sliding_windows(frames.shape[0], context_length, context_stride)
-        cond = DiffutoonConditions(prompt_embeds, negative_prompt_embeds, control_frames, scales, windows,
-                                   guidance_scale, cross_attention_kwargs=cross_attention_kwargs, branch="edit")
-        scheduler = scheduler or DiffutoonDDIMScheduler(beta_schedule="scaled_linear")
+        cond = DiffutoonConditions(prompt_embeds, negative_prompt_embeds, control_frames,
+                                   _per_net(controlnet_conditioning_scale, len(kinds)),
+                                   sliding_windows(n, context_length, context_stride), guidance_scale,
+                                   cross_attention_kwargs=cross_attention_kwargs, branch="edit",
+                                   reuse=reuse_across_windows)
         timesteps = self._timesteps(scheduler, num_inference_steps, strength, self._execution_device)
         # ONE noise sample for every frame (SPEC 2), the img2img start at the first timestep
-        h, w = height // self.vae_scale_factor, width // self.vae_scale_factor
-        noise = _host_randn((1, self.unet.config.in_channels, 1, h, w), generator).expand(-1, -1, frames.shape[0], -1, -1)
-        latents = scheduler.add_noise(self.encode_video(frames, decode_chunk_size), noise, timesteps[:1])
+        latents, first_step = self._initial_latents(run, "edit", scheduler, timesteps, frames, height, width, None,
+                                                    generator, strength, decode_chunk_size, one_sample=True)
         with without_motion_modules(self.unet), cross_frame_attention(self.unet, mode=cross_frame_mode) as state:
             cond.cross_frame = state
-            latents = self._sample(latents, timesteps, cond, scheduler, "editing branch (steps x windows)")
-        colors = self.decode_latents(latents, decode_chunk_size, "uint8")
-        if fastblend is False:
-            return colors
-        from fastblend import smooth_video
+            latents, complete = self._sample(run, "edit", latents, first_step, timesteps, cond, scheduler,
+                                             "editing branch (steps x windows)", generator=generator)
+        if not complete:
+            return None
+        decoded = colors if fastblend is False else run.frames("edit/decoded", colors.shape, np.uint8)[0]
+        for i, chunk in enumerate(self._decoded(latents, decode_chunk_size, "uint8", report=run.report,
+                                                desc="decoding the colour video")):
+            decoded.write(i * decode_chunk_size, chunk)
+        if fastblend is not False:
+            from fastblend import smooth_video
 
-        options = {**FASTBLEND_DEFAULTS, "device": self._execution_device, **(fastblend or {})}
-        guide = frames.permute(0, 2, 3, 1).numpy()
-        return smooth_video(colors, guide, progress=not getattr(self, "_progress_bar_config", {}).get("disable", False),
-                            **options)
+            run.report(stage="fastblend", **{"pass": "edit"}, done=0, total=n)
+            options = {**FASTBLEND_DEFAULTS, "device": self._execution_device, **(fastblend or {})}
+            progress = not getattr(self, "_progress_bar_config", {}).get("disable", False)
+            colors.write(0, smooth_video(_frames_array(decoded), _frames_array(frames.clip), progress=progress,
+                                         **options))
+        run.finish_stage("edit")
+        return colors
+
+
+def _as_source(video) -> _VideoSource:
+    return video if isinstance(video, _VideoSource) else _VideoSource(video)
+
+
+def _frames_array(frames) -> np.ndarray:
+    """A frame array's frames as one numpy array (memory-mapped, read-only, for one in the render folder)."""
+    return frames.array if isinstance(frames, HostFrames) else np.load(frames.path, mmap_mode="r")
+
+
+def _video_latents(latents) -> torch.Tensor:
+    """A latent frame array (N, C, h, w) as diffusers' video latents (1, C, N, h, w): a view when in memory."""
+    return torch.from_numpy(_frames_array(latents)).transpose(0, 1)[None]
+
+
+def _state(scheduler, generator) -> dict:
+    """What a checkpoint keeps besides the latents: the scheduler's state and the generator's, for a resume that
+    continues exactly where the render stopped."""
+    from diffutoon.render_folder import scheduler_state
+
+    return {"scheduler": scheduler_state(scheduler) if scheduler is not None else None,
+            "generator": generator.get_state() if isinstance(generator, torch.Generator) else None}
+
+
+def _restore(scheduler, generator, state: dict | None):
+    if not state:
+        return
+    if scheduler is not None and state.get("scheduler") is not None:
+        vars(scheduler).update(state["scheduler"])
+    if isinstance(generator, torch.Generator) and state.get("generator") is not None:
+        generator.set_state(state["generator"])
+
+
+def _identity_value(value):
+    """A setting as the render folder's manifest records it: JSON values as they are, tensors, arrays, frame lists and
+    generators by a fingerprint of their content, other objects by their type."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _identity_value(v) for k, v in value.items()}
+    if isinstance(value, torch.Generator):
+        return f"generator {tensor_fingerprint(value.get_state())}"
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return f"tensor {tensor_fingerprint(value)}"
+    if isinstance(value, (list, tuple)):
+        if value and isinstance(value[0], PIL.Image.Image):
+            return f"frames {tensor_fingerprint(np.stack([np.asarray(f) for f in value]))}"
+        return [_identity_value(v) for v in value]
+    return type(value).__name__
+
+
+def _versions() -> dict:
+    """The versions whose numerics a resume must share to be bit-identical."""
+    import diffusers
+    import transformers
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ours = version("diffutoon")
+    except PackageNotFoundError:  # the pipeline file loaded from a Hub folder
+        ours = "unknown"
+    return {"diffutoon": ours, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+            "torch": torch.__version__}
+
+
+def _folder_bytes(n: int, height: int, width: int, nets: int, factor: int, edit: dict, edit_nets: int) -> int:
+    """About what a render folder holds at most: condition frames, checkpoints and the accumulator."""
+    latents = n * 4 * (height // factor) * (width // factor) * 4
+    total = n * height * width * 3 * nets + latents * 4  # 2 checkpoints, the one being written, the accumulator
+    if edit:
+        eh, ew = edit["height"], edit["width"]
+        total += n * eh * ew * 3 * (3 + edit_nets) + n * 4 * (eh // factor) * (ew // factor) * 4 * 4
+    return total
+
 
 def _per_net(scale, num_nets: int) -> list[float]:
     """One conditioning scale per ControlNet from a single value or a list."""

@@ -89,17 +89,21 @@ class DiffutoonDDIMScheduler(SchedulerMixin, ConfigMixin):
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True, **kwargs):
         """One eq. 8 step from `timestep` to the next timestep of the list (alpha-bar 1 after the last)."""
-        if self._step_index is None:
+        prev_sample = self.step_function(timestep, self._step_index)(model_output, sample)
+        return SchedulerOutput(prev_sample=prev_sample) if return_dict else (prev_sample,)
+
+    def step_function(self, timestep, index: int | None = None):
+        """The step from `timestep` as a function of (model_output, sample). Eq. 8 is elementwise, so the function
+        may be applied to any part of the video (a few frames at a time keeps host memory flat). Advances the step."""
+        if index is None:
             matches = (self.timesteps == int(timestep)).nonzero()
             if len(matches) == 0:
                 raise ValueError(f"timestep {int(timestep)} is not in this scheduler's timesteps; call set_timesteps.")
-            self._step_index = int(matches[0])
-        i = self._step_index
-        alpha_bar = self.alphas_cumprod[int(self.timesteps[i])]
-        alpha_bar_prev = self.alphas_cumprod[int(self.timesteps[i + 1])] if i + 1 < len(self.timesteps) else 1.0
-        prev_sample = ddim_step(sample, model_output, alpha_bar, alpha_bar_prev).to(sample.dtype)
-        self._step_index += 1
-        return SchedulerOutput(prev_sample=prev_sample) if return_dict else (prev_sample,)
+            index = int(matches[0])
+        alpha_bar = self.alphas_cumprod[int(self.timesteps[index])]
+        alpha_bar_prev = self.alphas_cumprod[int(self.timesteps[index + 1])] if index + 1 < len(self.timesteps) else 1.0
+        self._step_index = index + 1
+        return lambda model_output, sample: ddim_step(sample, model_output, alpha_bar, alpha_bar_prev).to(sample.dtype)
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """The img2img start: x = sqrt(ab_t) x0 + sqrt(1 - ab_t) noise (SPEC 1)."""

@@ -503,3 +503,45 @@ def make_demo_clip(path, num_frames=16, height=64, width=64, fps=8, photo="chels
     with tempfile.TemporaryDirectory() as d:
         wav = sine_wav(Path(d) / "tone.wav", num_frames / fps)
         return write_video(path, frames, fps, audio_from=wav, overwrite=overwrite, progress=False)
+
+
+class VideoClip:
+    """A lazy selection of a video file's frames at an output size: what the pipeline reads a range at a time, so that
+    a long video is never decoded whole (`pipe(video=VideoClip(...))`, or `pipe(video="file.mp4")`).
+
+    >>> clip = VideoClip("/tmp/demo.mp4", indices=range(0, 16, 2), height=32, width=32)
+    >>> len(clip), clip.shape, clip.fps, clip.read(0, 3).shape
+    (8, (8, 32, 32, 3), 4.0, (3, 32, 32, 3))
+    """
+
+    def __init__(self, path_or_reader, indices=None, height=None, width=None, policy="crop"):
+        self.reader = path_or_reader if isinstance(path_or_reader, VideoReader) else VideoReader(path_or_reader)
+        self.indices = list(range(self.reader.num_frames)) if indices is None else list(indices)
+        if not self.indices:
+            raise VideoError(f"no frames selected from {self.reader.path}")
+        self.height, self.width = int(height or self.reader.height), int(width or self.reader.width)
+        self.policy = policy
+        self.path = self.reader.path
+        self.step = self.indices[1] - self.indices[0] if len(self.indices) > 1 else 1
+        self.fps = self.reader.fps / self.step  # keeps the timing of every n-th frame
+
+    def __len__(self):
+        return len(self.indices)
+
+    @property
+    def shape(self):
+        return (len(self.indices), self.height, self.width, 3)
+
+    def read(self, start, end):
+        """uint8 frames [start, end) of the selection, resized: (n, height, width, 3)."""
+        chunk = self.reader.read(self.indices[start:end])
+        return resize_frames(chunk, self.height, self.width, self.policy)
+
+    def audio_span(self):
+        """The seconds of the source's audio that go with the selection."""
+        return self.reader.span(self.indices, self.step)
+
+    def selection(self):
+        """The selection as the render folder records it."""
+        return {"indices": [self.indices[0], self.indices[-1], self.step, len(self.indices)],
+                "size": [self.height, self.width], "policy": self.policy, "fps": self.reader.fps}

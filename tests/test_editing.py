@@ -60,7 +60,9 @@ def test_branch_end_to_end_with_hand_off_and_isolation(edit_pipe):
         hooks.append(net.register_forward_pre_hook(
             lambda m, a, kw, name=name: conds[name].append(kw["controlnet_cond"].clone()), with_kwargs=True))
     try:
-        out = render(pipe, video, edit_prompt="orange dress, night", edit_kwargs=EDIT_KWARGS)
+        # the reference's schedule: every window one UNet call (reuse across windows: tests/test_reuse.py)
+        out = render(pipe, video, edit_prompt="orange dress, night", reuse_across_windows=False,
+                     edit_kwargs=dict(EDIT_KWARGS, reuse_across_windows=False))
     finally:
         for h in hooks:
             h.remove()

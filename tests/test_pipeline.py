@@ -303,7 +303,7 @@ def test_models_never_see_more_than_one_window(tiny_pipe):
               for net in tiny_pipe.controlnets]
     try:
         run(tiny_pipe, make_video(n, SIZE), context_length=length, context_stride=2, output_type="np",
-            decode_chunk_size=3, strength=0.7)
+            decode_chunk_size=3, strength=0.7, reuse_across_windows=False)  # the reference's schedule: tests/test_reuse.py
     finally:
         for h in hooks:
             h.remove()
@@ -317,7 +317,7 @@ def test_strength_starts_from_the_noised_video(tiny_pipe, video):
     seen = []
     hook = tiny_pipe.unet.register_forward_pre_hook(lambda m, a: seen.append((int(a[1]), a[0][:1].clone())))
     try:
-        run(tiny_pipe, video[:4], strength=0.5, num_inference_steps=3)
+        run(tiny_pipe, video[:4], strength=0.5, num_inference_steps=3, reuse_across_windows=False)  # one call a step
     finally:
         hook.remove()
     assert [t for t, _ in seen] == [499, 250, 0]
