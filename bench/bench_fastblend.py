@@ -6,8 +6,10 @@ the warping-error table on a real photograph panned and zoomed.
 
 The baseline is the loop-by-loop transcription of the reference kernels vectorised only over pixels:
 one gather per patch offset (P^2 gathers of C floats per evaluation), evaluating every pixel. It
-runs inside the same PatchMatch driver (monkeypatched in), so the ratio is the kernels' gain plus
-the driver's skipping of unchanged candidates, which the baseline kernels do not exploit.
+runs inside the same PatchMatch driver (monkeypatched in), so the ratio is the kernels' gain plus,
+for the style cost, the driver's skipping of unchanged candidates, which the baseline kernels do not
+exploit. `--part resize` compares the pyramid downsampling with cv2 INTER_AREA (what the reference
+runs), `--part balanced` measures the reference's balanced-mode bug (last neighbour left out).
 """
 
 import argparse
@@ -230,11 +232,67 @@ def bench_modes(n, size, window, accurate_n, accurate_window):
           f"{np.round([psnr(o, c) for o, c in zip(out, clean)], 1).tolist()}, {t:.1f} s")
 
 
+def bench_resize():
+    """Largest |difference| to cv2.resize(INTER_AREA) on float32 frames, per pyramid level: ours,
+    and F.interpolate(mode="area") (adaptive average pooling, what this package used before)."""
+    import cv2
+    import torch.nn.functional as F
+
+    from fastblend.patchmatch import pyramid_sizes, resize_area
+
+    print("\n### Pyramid downsampling vs cv2 INTER_AREA (float32, 0..255), max |diff|: ours / F.interpolate area")
+    print("| frame | level | smooth | noise (integer) | noise (real) |")
+    print("| --- | --- | --- | --- | --- |")
+    rng = np.random.default_rng(0)
+    for H, W in [(1080, 1920), (1079, 1917), (512, 512), (720, 1280), (67, 67)]:
+        yy, xx = np.mgrid[:H, :W]
+        smooth = np.stack([127 + 120 * np.sin(yy / 7 + c) * np.cos(xx / 5) for c in range(3)], 2)
+        images = np.stack([smooth, rng.integers(0, 256, (H, W, 3)), rng.uniform(0, 255, (H, W, 3))]).astype(np.float32)
+        x = torch.from_numpy(images)
+        for h, w in pyramid_sizes(H, W, 5 if H < 100 else 13)[:-1]:
+            want = np.stack([cv2.resize(i, (w, h), interpolation=cv2.INTER_AREA) for i in images])
+            ours = np.abs(resize_area(x, (h, w)).numpy() - want).reshape(3, -1).max(1)
+            area = F.interpolate(x.permute(0, 3, 1, 2), size=(h, w), mode="area").permute(0, 2, 3, 1).numpy()
+            old = np.abs(area - want).reshape(3, -1).max(1)
+            print(f"| {H}x{W} | {h}x{w} | " + " | ".join(f"{a:.3g} / {b:.3g}" for a, b in zip(ours, old)) + " |")
+
+
+def bench_balanced_bug(n, size, window):
+    """The reference's balanced runner keeps a running mean per target and writes the mean from
+    before it adds the last neighbour. Same remapped frames (real PatchMatch, recorded), both
+    outputs: ours (the full mean) and the reference's (uint8, clip then truncate)."""
+    from fastblend import modes
+    from fastblend.api import _config, _Matcher, _to_uint8
+
+    guide, _, style = flickering_footage(n, size)
+    matcher = _Matcher(_config(5, 5, 10.0, "identity", 0, "style", style[0].shape), "cpu", 0, None)
+    recorded = []
+
+    def match(items):
+        recorded.extend(matcher(items))
+        return recorded[-len(items):]
+
+    load = lambda a: (lambda i: torch.from_numpy(a[i]).float())
+    ours = {t: _to_uint8(img) for t, img in modes.balanced(load(guide), load(style), n, window, 8, match)}
+    results, state, theirs = iter(r.numpy() for r in recorded), {}, {}
+    for t in range(n):  # our task order equals the reference's: target, then source
+        for s in range(max(t - window, 0), min(t + window + 1, n)):
+            if s != t:
+                frame, weight = state.get(t, (style[t], 1))
+                state[t] = (frame * (weight / (weight + 1)) + next(results) / (weight + 1), weight + 1)
+                if weight + 1 == min(n, t + window + 1) - max(0, t - window):
+                    theirs[t] = frame.clip(0, 255).astype(np.uint8)
+    d = np.stack([np.abs(theirs[t].astype(int) - ours[t]) for t in range(n)])
+    print(f"\n### Reference's balanced-mode bug, {n} frames {size}x{size}, W={window}: its output vs the full window mean")
+    print(f"max {d.max()} grey levels, mean {d.mean():.2f}, 99th percentile {np.percentile(d, 99):.0f}; "
+          f"per-frame max {[int(m) for m in d.reshape(n, -1).max(1)]}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--part", choices=["all", "kernels", "matches", "memory", "modes"], default="all")
+    ap.add_argument("--part", choices=["all", "kernels", "matches", "memory", "modes", "resize", "balanced"], default="all")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, {a.threads} threads, {os.cpu_count()} CPUs, no GPU")
@@ -247,6 +305,10 @@ def main():
     if part("memory"):
         bench_memory(100, 256, 15, 8)
         bench_memory(400, 256, 15, 8)  # the same bookkeeping peak (O(W)) plus the uint8 outputs
+    if part("resize"):
+        bench_resize()
+    if part("balanced"):
+        bench_balanced_bug(12, 64, 3) if a.quick else bench_balanced_bug(24, 96, 3)
     if part("modes"):
         if a.quick:
             bench_modes(12, 64, 3, 6, 2)

@@ -39,7 +39,23 @@ def _as_arrays(frames, name):
     return arrays, kind
 
 
-def _as_output(frames, kind):
+def _output_buffer(out, n, shape):
+    """Where the finished frames go: the caller's `out` (checked), or a list."""
+    if out is None:
+        return [None] * n
+    if getattr(out, "dtype", None) != np.uint8 or tuple(getattr(out, "shape", ())) != (n, *shape):
+        raise ValueError(
+            f"out must be a uint8 array of shape {(n, *shape)}, got {getattr(out, 'dtype', type(out).__name__)} "
+            f"{tuple(getattr(out, 'shape', ()))}"
+        )
+    return out
+
+
+def _as_output(frames, kind, out):
+    if out is not None:
+        if hasattr(out, "flush"):  # numpy memmap
+            out.flush()
+        return out
     if kind == "ndarray":
         return np.stack(frames)
     if kind == "pil":
@@ -121,14 +137,17 @@ def _to_uint8(img):
 def smooth_video(
     style_frames, guide_frames, mode="fast", window_size=15, batch_size=8, minimum_patch_size=5,
     num_iter=5, guide_weight=10.0, device=None, progress=True, initialize="identity",
-    tracking_window_size=0, seed=0, num_threads=None,
+    tracking_window_size=0, seed=0, num_threads=None, out=None,
 ):
     """Deflicker `style_frames` by blending every frame with its neighbours in [t-W, t+W], warped
     onto it by PatchMatch guided by `guide_frames` (FastBlend). Frames: uint8 (N, H, W, 3) array,
     or a list of uint8 (H, W, 3) arrays or PIL images; returns the same form. mode: "fast"
     (Fenwick tree, default), "balanced" or "accurate". tracking_window_size: accurate mode only.
     device: None picks CUDA when present, else CPU. num_threads: torch CPU threads during the call
-    (None: unchanged). seed: the PatchMatch random generator's seed (the output is deterministic)."""
+    (None: unchanged). seed: the PatchMatch random generator's seed (the output is deterministic).
+    out: an array-like of shape (N, H, W, 3) uint8 (e.g. a numpy memmap) that receives every frame
+    as soon as it is finished, and is returned; then no frame is kept in RAM. Inputs may be numpy
+    memmaps too: frames are read one at a time, when a batch needs them."""
     style, kind = _as_arrays(style_frames, "style_frames")
     guide, _ = _as_arrays(guide_frames, "guide_frames")
     if len(style) != len(guide):
@@ -145,6 +164,7 @@ def smooth_video(
     cfg = _config(minimum_patch_size, num_iter, guide_weight, initialize, tracking_window_size, cost, style[0].shape)
     device = torch.device(device or default_device())
     n = len(style)
+    result = _output_buffer(out, n, style[0].shape)
     total = {
         "fast": modes.fast_match_count(n, window),
         "balanced": sum(min(t + window + 1, n) - max(t - window, 0) - 1 for t in range(n)),
@@ -153,24 +173,23 @@ def smooth_video(
     bar = tqdm(total=total, desc=f"FastBlend {mode}", unit="match") if progress else None
     match = _Matcher(cfg, device, seed, bar)
     run = getattr(modes, mode)
-    out = [None] * n
     with torch.inference_mode(), _threads(num_threads):
         for t, img in run(_loader(guide, device), _loader(style, device), n, window, batch, match):
-            out[t] = _to_uint8(img)
+            result[t] = _to_uint8(img)
     if bar is not None:
         bar.close()
-    return _as_output(out, kind)
+    return _as_output(result, kind, out)
 
 
 def interpolate_video(
     guide_frames, keyframes, keyframe_indices=None, batch_size=8, minimum_patch_size=15, num_iter=5,
     guide_weight=10.0, device=None, progress=True, initialize="identity", tracking_window_size=0, seed=0,
-    num_threads=None,
+    num_threads=None, out=None,
 ):
     """Render every guide frame from a few stylised keyframes (FastBlend interpolation).
     keyframes: {frame index: image}, or a sequence of images with `keyframe_indices`. Frames as in
-    smooth_video; returns len(guide_frames) frames in the form of guide_frames. Other options as in
-    smooth_video."""
+    smooth_video; returns len(guide_frames) frames in the form of guide_frames, or `out` filled with
+    them. Other options as in smooth_video."""
     guide, kind = _as_arrays(guide_frames, "guide_frames")
     if isinstance(keyframes, dict):
         if keyframe_indices is not None:
@@ -199,15 +218,15 @@ def interpolate_video(
         "style" if single else "pairwise", guide[0].shape,
     )
     device = torch.device(device or default_device())
+    result = _output_buffer(out, n, guide[0].shape)
     bar = tqdm(total=n * (1 if single else 2), desc="FastBlend interpolate", unit="match") if progress else None
     match = _Matcher(cfg, device, seed, bar)
     slot = {k: i for i, k in enumerate(keys)}
     load_style = _loader(style, device)
-    out = [None] * n
     with torch.inference_mode(), _threads(num_threads):
         stream = modes.interpolate(_loader(guide, device), lambda k: load_style(slot[k]), keys, n, batch, match, match)
         for m, img in stream:
-            out[m] = _to_uint8(img)
+            result[m] = _to_uint8(img)
     if bar is not None:
         bar.close()
-    return _as_output(out, kind)
+    return _as_output(result, kind, out)

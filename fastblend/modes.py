@@ -12,7 +12,8 @@ import torch
 
 
 def balanced(guide, style, n, window, batch, match):
-    """out_t = mean of style_t and remap_{s->t}(style_s) for every other s in [t-W, t+W]."""
+    """out_t = mean of style_t and remap_{s->t}(style_s) for every other s in [t-W, t+W]. (The
+    reference writes its running mean from before the last neighbour is added: a bug, not kept.)"""
     for t0 in range(0, n, batch):
         targets = range(t0, min(t0 + batch, n))
         tasks = [(s, t) for t in targets for s in range(max(t - window, 0), min(t + window + 1, n)) if s != t]

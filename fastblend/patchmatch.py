@@ -11,10 +11,11 @@ matched onto the same target; the style term compares the two sources' patches).
 """
 
 import math
+import sys
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .kernels import _flat_top_left, _patch_rows, _patch_view, _pixel_grid, _ssd_rows, pad_images, remap, with_count_channel
 
@@ -51,12 +52,60 @@ def pyramid_sizes(height, width, max_patch_size):
     return [(height >> (levels - 1 - l), width >> (levels - 1 - l)) for l in range(levels)]
 
 
+def _area_taps(n_in, n_out):
+    """INTER_AREA weights along one axis as OpenCV computes them: output cell i covers the source
+    span [i*s, i*s + s), s = n_in / n_out, and each source pixel weighs its overlap with the span
+    divided by the span's length (overlaps of 1e-3 or less dropped, weights rounded to float32).
+    Returns (taps, n_out) source indices (increasing along taps) and their weights (0: no tap)."""
+    s = 1 / (n_out / n_in)
+    lo = torch.arange(n_out, dtype=torch.float64) * s
+    hi, cell = lo + s, (n_in - lo).clamp(max=s)
+    first = lo.floor().long()
+    idx = first + torch.arange(int((hi.ceil().long() - first).max())).view(-1, 1)
+    j = idx.double()
+    overlap = torch.minimum(hi, j + 1) - torch.maximum(lo, j)
+    weight = torch.where((overlap > 1e-3) & (idx < n_in), overlap / cell, 0).float()
+    return idx.clamp(max=n_in - 1), weight
+
+
+def _area_axis(x, dim, n_out):
+    """Weighted sums along `dim`, accumulated tap by tap in float32 as OpenCV does."""
+    idx, weight = _area_taps(x.shape[dim], n_out)
+    shape = [1] * x.dim()
+    shape[dim] = n_out
+    out = 0
+    for i, w in zip(idx.to(x.device), weight.to(x.device, x.dtype)):
+        out = out + x.index_select(dim, i).mul_(w.view(shape))
+    return out
+
+
+def _area_integer(x, ky, kx):
+    """OpenCV's INTER_AREA path for integer factors: the ky*kx pixels of a cell summed in row-major
+    order, four at a time, then times 1/(ky*kx)."""
+    parts = [x[:, i // kx :: ky, i % kx :: kx] for i in range(ky * kx)]
+    n4 = len(parts) // 4 * 4
+    total = 0
+    for g in range(0, n4, 4):
+        total = total + (((parts[g] + parts[g + 1]) + parts[g + 2]) + parts[g + 3])
+    for part in parts[n4:]:
+        total = total + part
+    return total * float(np.float32(1) / np.float32(len(parts)))
+
+
 def resize_area(x, size):
-    """Area (box) downsampling of (B, H, W, C) on its device."""
-    if tuple(x.shape[1:3]) == tuple(size):
+    """Area downsampling of (B, H, W, C) float32 on its device, equal bit for bit to OpenCV's
+    cv2.resize(..., interpolation=cv2.INTER_AREA) on each float32 image (what the reference
+    runs on the CPU): integer factors through OpenCV's box-sum path, other factors through its
+    fractional weights, columns first, then rows."""
+    (H, W), (h, w) = x.shape[1:3], size
+    if (H, W) == (h, w):
         return x
-    y = F.interpolate(x.permute(0, 3, 1, 2), size=size, mode="area")
-    return y.permute(0, 2, 3, 1).contiguous()
+    if h > H or w > W:
+        raise ValueError(f"resize_area only downsamples, got {H}x{W} -> {h}x{w}")
+    sy, sx = 1 / (h / H), 1 / (w / W)
+    if abs(sy - round(sy)) < sys.float_info.epsilon and abs(sx - round(sx)) < sys.float_info.epsilon:
+        return _area_integer(x, round(sy), round(sx)).contiguous()
+    return _area_axis(_area_axis(x, 2, w), 1, h).contiguous()
 
 
 def clamp_nnf(nnf, height, width):
@@ -67,6 +116,8 @@ def clamp_nnf(nnf, height, width):
 
 
 def identity_nnf(batch, height, width, device):
+    """The identity match. (The reference's is int64 on Linux, which its int32 kernels misread for the
+    whole coarsest level: a bug, not kept; see bench/RESULTS.md, notes on the reference.)"""
     b, y, x = _pixel_grid(batch, height, width, device)
     return torch.stack([y, x], dim=3).contiguous()
 
@@ -159,31 +210,27 @@ class _Level:
             return self._guide_ssd(nnf, sel, torch.cat([self.tgt_guide, hat.expand_as(self.style)], 3))
         if self.cfg.cost == "style":  # fused 6-channel SSD: guide * sqrt(w) and style
             return self._guide_ssd(nnf, sel, self.tgt)
-        # pairwise: guide_weight * E_P(guide) + pair style error, the same for both members
-        e = self._guide_ssd(nnf, sel, self.tgt) * self.cfg.guide_weight
-        if sel is None:
-            sel = torch.arange(self.B * self.H * self.W, device=nnf.device)
-        hw = self.H * self.W
-        partner = sel + torch.where((sel // hw) % 2 == 0, hw, -hw)
-        return e + _ssd_rows(self.rows_style, self._idx(nnf, sel), self.rows_style, self._idx(nnf, partner))
+        # pairwise (all pixels): guide_weight * E_P(guide) + the pair's style error, shared by both
+        e = self._guide_ssd(nnf, None, self.tgt).view(self.B // 2, 2, -1) * self.cfg.guide_weight
+        f = self._idx(nnf, None).view(self.B // 2, 2, -1)
+        pair = _ssd_rows(self.rows_style, f[:, 0].reshape(-1), self.rows_style, f[:, 1].reshape(-1))
+        return (e + pair.view(self.B // 2, 1, -1)).view(-1)
 
     def update(self, nnf, err, cand):
-        """Keep a candidate only where its cost is strictly lower. Pixels whose candidate equals the
-        current match are skipped: equal cost never wins (not in mean_style, whose target moves)."""
+        """Keep a candidate only where its cost is strictly lower. With the style cost, pixels whose
+        candidate equals their match are skipped: their stored error is their exact cost, and equal
+        cost never wins. The other costs re-score every pixel, as the reference does: the mean-style
+        target moves with the candidate field, and a pair's stored error goes stale when one member
+        takes its candidate and the other keeps its match (re-scoring then can lower it)."""
         cand = clamp_nnf(cand, self.H, self.W)
-        if self.cfg.cost == "mean_style":
-            sel = None
-        else:
-            changed = (cand != nnf).any(3)
-            if self.cfg.cost == "pairwise":  # a pair's cost depends on both members' candidates
-                both = changed[0::2] | changed[1::2]
-                changed = torch.stack([both, both], 1).view_as(changed)
-            sel = changed.view(-1).nonzero().squeeze(1)
+        sel = None
+        if self.cfg.cost == "style":
+            changed = (cand != nnf).any(3).view(-1)
+            sel = changed.nonzero().squeeze(1)
             if sel.numel() == 0:
                 return
             if 2 * sel.numel() > changed.numel():  # mostly changed: one in-place pass beats two gathers
                 sel = None
-        # the candidate field at unchanged pixels equals nnf, so mean_style sees the full candidate
         e = self.cost(cand, sel)
         if sel is None:
             sel = torch.arange(e.numel(), device=e.device)

@@ -217,6 +217,123 @@ def test_patch_match_is_seeded():
     assert torch.equal(run(), run())
 
 
+# ---------- the reference's PatchMatch driver, transcribed (PatchMatcher.estimate_nnf, one level) ----------
+
+
+def ref_patch_error(source, nnf, target, p, pad):
+    """patch_error.cu vectorised over pixels: every pixel scored, offsets summed in kernel order."""
+    B, H, W = nnf.shape[:3]
+    b, x, y = np.ogrid[:B, :H, :W]
+    e = np.zeros((B, H, W))
+    for px in range(-(p // 2), p // 2 + 1):
+        for py in range(-(p // 2), p // 2 + 1):
+            d = target[b, x + pad + px, y + pad + py] - source[b, nnf[..., 0] + pad + px, nnf[..., 1] + pad + py]
+            e += (d * d).sum(-1)
+    return e
+
+
+def ref_pairwise_error(source_a, nnf_a, source_b, nnf_b, p, pad):
+    """pairwise_patch_error.cu vectorised over pixels."""
+    b = np.arange(nnf_a.shape[0])[:, None, None]
+    e = np.zeros(nnf_a.shape[:3])
+    for px in range(-(p // 2), p // 2 + 1):
+        for py in range(-(p // 2), p // 2 + 1):
+            d = (source_a[b, nnf_a[..., 0] + pad + px, nnf_a[..., 1] + pad + py]
+                 - source_b[b, nnf_b[..., 0] + pad + px, nnf_b[..., 1] + pad + py])
+            e += (d * d).sum(-1)
+    return e
+
+
+def ref_level_pairwise(sg, tg, ss, nnf, cfg, gen):
+    """The reference's one-level PatchMatch with use_pairwise_patch_error: per patch size, the error
+    of every pixel; propagation in random order, random search, tracking; each `update` scores EVERY
+    pixel's candidate (guide error * guide_weight + the pair's style error, repeated for both
+    members) and keeps it where strictly lower. Random draws in the same order as ours."""
+    B, H, W = nnf.shape[:3]
+    pad = cfg.max_patch_size // 2
+    sg, tg, ss = (np.pad(a, ((0, 0), (pad, pad), (pad, pad), (0, 0))) for a in (sg, tg, ss))
+    nnf = nnf.copy()
+    clamp = lambda f: np.stack([f[..., 0].clip(0, H - 1), f[..., 1].clip(0, W - 1)], 3)
+    shift = lambda f, d: f[np.clip(np.arange(f.shape[0]) + d, 0, f.shape[0] - 1)]
+    for p in cfg.patch_sizes:
+        def error(f):
+            pair = ref_pairwise_error(ss[0::2], f[0::2], ss[1::2], f[1::2], p, pad).repeat(2, axis=0)
+            return ref_patch_error(sg, f, tg, p, pad) * cfg.guide_weight + pair
+
+        def update(cand):
+            e = error(cand)
+            better = e < err
+            nnf[better], err[better] = cand[better], e[better]
+
+        err = error(nnf)
+        for d in torch.randperm(4, generator=gen).tolist():  # neighbour steps, edges replicated
+            axis, n = 1 + d % 2, nnf.shape[1 + d % 2]
+            keep = [0] + list(range(n - 1)) if d < 2 else list(range(1, n)) + [n - 1]
+            cand = np.take(nnf, keep, axis=axis)
+            cand[..., d % 2] += 1 if d < 2 else -1
+            update(clamp(cand))
+        for _ in range(cfg.random_search_steps):
+            r = cfg.random_search_range
+            update(clamp(nnf + torch.randint(-r, r + 1, nnf.shape, generator=gen).numpy()))
+        for d in range(1, cfg.tracking_window_size + 1):
+            for dd in (d, -d):
+                cand = np.empty_like(nnf)
+                cand[0::2], cand[1::2] = shift(nnf[0::2], dd), shift(nnf[1::2], dd)
+                update(cand)
+    return nnf
+
+
+def test_pairwise_driver_matches_reference_transcription():
+    """Interpolation's pairwise cost: a pair member may take its candidate while the other keeps its
+    match, so a stored error can be stale; the reference re-scores every pixel at every update and
+    so can lower it. Ours must give the same NNFs (float64 on both sides: no rounding ties; before
+    the fix, 1 to 39 of 2304 pixels differed per case)."""
+    from fastblend.patchmatch import _iterate, _Level
+
+    src, tgt, nnf = random_case(5, 1, 9, 10, 3)  # the vectorised transcriptions equal the loop ones
+    sp, tp = (np.pad(a.astype(np.float64), ((0, 0), (3, 3), (3, 3), (0, 0))) for a in (src, tgt))
+    np.testing.assert_allclose(ref_patch_error(sp, nnf, tp, 5, 3), loop_patch_error(sp, nnf, tp, 5, 3), rtol=1e-12)
+    nnf_b = random_case(6, 1, 9, 10, 3)[2]
+    np.testing.assert_allclose(ref_pairwise_error(sp, nnf, tp, nnf_b, 7, 3), loop_pairwise_error(sp, nnf, tp, nnf_b, 7, 3), rtol=1e-12)
+
+    cfg = MatchConfig(minimum_patch_size=5, num_iter=3, cost="pairwise", tracking_window_size=1)
+    B, H, W = 4, 24, 24  # two pairs
+    for seed in (0, 1):
+        rng = np.random.default_rng(seed)
+        yy, xx = np.mgrid[:H, :W]
+        base = np.stack([100 + 80 * np.sin(yy / 4 + c + seed) * np.cos(xx / 3) for c in range(3)], 2)
+        sg, tg = (base + rng.normal(0, 10, (B, H, W, 3)) for _ in range(2))
+        ss = base[::-1] + rng.normal(0, 30, (B, H, W, 3))
+        nnf0 = np.stack([rng.integers(0, H, (B, H, W)), rng.integers(0, W, (B, H, W))], 3)
+        want = ref_level_pairwise(sg, tg, ss, nnf0, cfg, torch.Generator().manual_seed(seed))
+        level = _Level(*(torch.from_numpy(np.ascontiguousarray(a)) for a in (sg, tg, ss)), cfg)
+        nnf, gen = torch.from_numpy(nnf0.copy()), torch.Generator().manual_seed(seed)
+        for p in cfg.patch_sizes:
+            level.set_patch(p, nnf)
+            _iterate(level, nnf, cfg, gen)
+        wrong = int((nnf.numpy() != want).any(3).sum())
+        assert wrong == 0, f"seed {seed}: {wrong} of {B * H * W} matches differ from the reference driver"
+
+
+@pytest.mark.parametrize("H, W", [(67, 67), (33, 90), (221, 130), (1080 // 8 + 1, 64), (64, 96)])
+def test_pyramid_downsampling_equals_opencv_inter_area(H, W):
+    """The reference resizes every level from the full frame with cv2.resize(INTER_AREA) on float32
+    images; ours must give the same floats bit for bit at every pyramid size (fractional factors such
+    as 67 -> 33, integer factors, mixed), on smooth and noisy, integer- and real-valued content."""
+    from fastblend.patchmatch import pyramid_sizes, resize_area
+
+    rng = np.random.default_rng(H * W)
+    yy, xx = np.mgrid[:H, :W]
+    smooth = np.stack([127 + 120 * np.sin(yy / 7 + c) * np.cos(xx / 5) for c in range(3)], 2)
+    images = np.stack([smooth, rng.integers(0, 256, (H, W, 3)), rng.uniform(0, 255, (H, W, 3))]).astype(np.float32)
+    sizes = pyramid_sizes(H, W, 5) + [(H // 3, W // 3), (H // 2, W), (H - 1, W - 1)]
+    for h, w in sizes:
+        want = np.stack([cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA) for img in images])
+        got = resize_area(torch.from_numpy(images), (h, w)).numpy()
+        assert got.shape == want.shape
+        np.testing.assert_array_equal(got, want, err_msg=f"{H}x{W} -> {h}x{w}")
+
+
 # ---------- Fenwick-tree bookkeeping with an exact stand-in for matching ----------
 
 
@@ -241,6 +358,40 @@ def test_fast_mode_tree_is_the_window_mean_when_remap_is_identity():
         assert sum(calls) == modes.fast_match_count(n, window)
         assert all(c <= 4 for c in calls)
 
+
+def test_balanced_mode_is_the_full_window_mean():
+    """Balanced mode's output is the mean of style_t and every other window frame remapped onto t.
+    The reference keeps a running mean per target and saves the mean from BEFORE it adds the last
+    neighbour (a bug); transcribed here to measure what that fix changes. With remapping replaced by
+    the identity, ours must equal the full mean, and the reference's saved frame must differ by many
+    grey levels on flickering footage (measured with real PatchMatch in bench/RESULTS.md)."""
+    n, window = 12, 3
+    style = flickering_footage(n, 32)[2]
+    calls = []
+
+    def match(items):
+        calls.append([s.clone() for _, _, s in items])
+        return calls[-1]
+
+    load = lambda i: torch.from_numpy(style[i]).double()
+    ours = {t: img.numpy() for t, img in modes.balanced(load, load, n, window, 5, match)}
+    # the reference's runner over the same results in the same task order (target, then source)
+    results = iter(img.numpy() for out in calls for img in out)
+    state, saved = {}, {}
+    for t in range(n):
+        for s in range(t - window, t + window + 1):
+            if 0 <= s < n and s != t:
+                frame, weight = state.get(t, (style[t], 1))
+                state[t] = (frame * (weight / (weight + 1)) + next(results) / (weight + 1), weight + 1)
+                if weight + 1 == min(n, t + window + 1) - max(0, t - window):
+                    saved[t] = frame  # the reference writes this: the mean before the last neighbour
+    for t in range(n):
+        full = style[max(t - window, 0) : t + window + 1].astype(np.float64).mean(0)
+        np.testing.assert_allclose(ours[t], full, rtol=0, atol=1e-9)
+        np.testing.assert_allclose(state[t][0], full, rtol=0, atol=1e-9)  # its running mean is right...
+    off = np.stack([np.abs(saved[t].clip(0, 255).astype(np.uint8).astype(int) - ours[t].astype(np.uint8)) for t in range(n)])
+    print(f"\nreference's balanced output vs the full mean (identity remap, W={window}): max {off.max()} levels, mean {off.mean():.2f}")
+    assert off.max() >= 10  # ...but what it saves is not
 
 def test_tree_query_covers_window_exactly():
     for lo, hi in [(0, 0), (0, 10), (3, 17), (20, 35), (5, 5)]:
@@ -364,6 +515,98 @@ def test_bad_input_raises_clear_errors():
     with pytest.raises(ValueError, match="too small"):
         interpolate_video(np.zeros((4, 40, 40, 3), np.uint8), {0: np.zeros((40, 40, 3), np.uint8)}, progress=False)  # 40 < 2 * 23
 
+
+
+def test_out_array_receives_the_same_frames(tmp_path):
+    """out= (e.g. a memmap): the same frames as the normal return value, written into the caller's
+    array, which is returned; memmapped inputs give the same result as in-memory ones."""
+    guide, _, style = flickering_footage(3, 32)
+    want = smooth_video(style, guide, **SMALL)
+    out = np.zeros_like(style)
+    assert smooth_video(style, guide, **SMALL, out=out) is out
+    np.testing.assert_array_equal(out, want)
+    for name, frames in [("guide", guide), ("style", style)]:
+        np.save(tmp_path / f"{name}.npy", frames)
+    mapped = [np.load(tmp_path / f"{name}.npy", mmap_mode="r") for name in ("style", "guide")]
+    out = np.lib.format.open_memmap(tmp_path / "out.npy", mode="w+", dtype=np.uint8, shape=style.shape)
+    assert smooth_video(*mapped, **SMALL, out=out) is out
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), want)
+    keys = {0: style[0], 2: style[2]}
+    kw = dict(minimum_patch_size=3, num_iter=2, progress=False)
+    out = np.zeros_like(guide)
+    np.testing.assert_array_equal(interpolate_video(guide, keys, **kw, out=out), interpolate_video(guide, keys, **kw))
+    with pytest.raises(ValueError, match="out must be a uint8 array of shape"):
+        smooth_video(style, guide, **SMALL, out=np.zeros((3, 32, 32, 3), np.float32))
+    with pytest.raises(ValueError, match="out must be a uint8 array of shape"):
+        smooth_video(style, guide, **SMALL, out=np.zeros((2, 32, 32, 3), np.uint8))
+
+
+def test_out_array_keeps_memory_flat_in_the_video_length(tmp_path, monkeypatch):
+    """Memmapped inputs read frame by frame and out= written frame by frame: the heap's peak must
+    not grow with the number of frames. Live heap = glibc's mallinfo2 (torch's and numpy's CPU
+    buffers come from malloc), sampled at every match and every frame written; PatchMatch replaced
+    by the identity so only the streaming machinery runs. Control: without out= the outputs are
+    kept (N uint8 frames), which this measurement must see."""
+    import ctypes
+    import ctypes.util
+    import fastblend.api as api
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(f, ctypes.c_size_t) for f in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    if not hasattr(libc, "mallinfo2"):
+        pytest.skip("needs glibc >= 2.33 (mallinfo2)")
+    libc.mallinfo2.restype = MallInfo2
+    peak = [0]
+
+    def live():  # bytes malloc has handed out and not got back: arena chunks + mmapped blocks
+        info = libc.mallinfo2()
+        return info.uordblks + info.hblkhd
+
+    def sample():
+        peak[0] = max(peak[0], live())
+
+    def identity_match(sg, tg, ss, cfg, gen):
+        sample()
+        return None, ss.clone()
+
+    class Writer:  # an array-like out that samples the heap at every frame written
+        def __init__(self, array):
+            self.array, self.shape, self.dtype = array, array.shape, array.dtype
+
+        def __setitem__(self, i, frame):
+            sample()
+            self.array[i] = frame
+
+    monkeypatch.setattr(api, "patch_match", identity_match)
+    size, frame = 64, 64 * 64 * 3 * 4  # bytes of one float frame
+    kw = dict(window_size=2, batch_size=4, minimum_patch_size=3, num_iter=2, progress=False)
+
+    def growth(n, mode, use_out):
+        path = tmp_path / f"in-{n}.npy"
+        if not path.exists():
+            a = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
+            a[:] = np.random.default_rng(n).integers(0, 256, a.shape, dtype=np.uint8)
+            a.flush()
+            del a
+        video = np.load(path, mmap_mode="r")
+        out = Writer(np.lib.format.open_memmap(tmp_path / "out.npy", mode="w+", dtype=np.uint8, shape=video.shape)) if use_out else None
+        peak[0] = base = live()
+        result = smooth_video(video, video, mode=mode, **kw, out=out)
+        sample()
+        del result
+        return (peak[0] - base) / frame
+
+    flat = {}
+    for mode in ("fast", "balanced"):
+        short, flat[mode] = growth(100, mode, True), growth(400, mode, True)
+        print(f"\n{mode}: heap peak growth with out= {short:.1f} float frames at 100 frames, {flat[mode]:.1f} at 400")
+        assert flat[mode] - short < 10  # flat in the length (400 float frames would be 400)
+        assert flat[mode] < 100
+    kept = growth(400, "fast", False)
+    print(f"fast without out=: {kept:.1f} float frames at 400 frames")
+    assert kept - flat["fast"] > 50  # the N uint8 outputs (400 frames = 100 float frames) are seen
 
 def test_command_line_on_frame_folders(tmp_path):
     from PIL import Image
