@@ -1006,7 +1006,8 @@ class DiffutoonPipeline(
                                  _identity_value({k: v for k, v in self.scheduler.config.items() if k[0] != "_"})]
         settings["pipeline"] = {"controlnet_conditions": self.config.controlnet_conditions,
                                 "edit_controlnet_conditions": self.config.edit_controlnet_conditions,
-                                "dtype": str(self.unet.dtype), "device": self._execution_device.type}
+                                "dtype": str(self.unet.dtype), "device": self._execution_device.type,
+                                "attention": sorted({type(p).__name__ for p in self.unet.attn_processors.values()})}
         models = {name: module_fingerprint(module) for name, module in self.components.items()
                   if isinstance(module, torch.nn.Module)}
         models["tokenizer"] = len(self.tokenizer)

@@ -4,7 +4,8 @@ everything in host memory, and what a checkpoint costs per step.
     python bench/bench_longrender.py --frames 100 400 1600 --size 256      # RSS rows, each run in its own process
     python bench/bench_longrender.py --checkpoint --frames 100            # checkpoint cost at 512 and 1536 latents
 
-Tiny random models (diffutoon.tiny), 1 step, windows 16/8, CFG 7, the tiny lineart annotator. "streamed": the video is
+Tiny random models (diffutoon.tiny), 1 step, windows 16/8, CFG 7, a cheap lineart stand-in (PIL edges; `--annotator
+tiny` for the random-weight LineartDetector, much slower at 256 px). "streamed": the video is
 a file read lazily (VideoClip), condition frames and latents live in the render folder, frames go straight into an
 mp4. "in memory": the same video as a uint8 array, frames returned as a uint8 array (what the pipeline did before).
 """
@@ -28,7 +29,14 @@ def rss_mb() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
 
-def one_run(mode: str, frames: int, size: int, source: str, folder: str) -> dict:
+def _edges(image, detect_resolution=None, image_resolution=None):
+    """A cheap stand-in for the lineart annotator (PIL's edge filter): the memory is the point here, not the art."""
+    import PIL.ImageFilter
+
+    return image.convert("L").filter(PIL.ImageFilter.FIND_EDGES).convert("RGB")
+
+
+def one_run(mode: str, frames: int, size: int, source: str, folder: str, annotator: str) -> dict:
     """Runs in its own process: the peak is this process's alone."""
     import numpy as np
     import torch
@@ -39,7 +47,7 @@ def one_run(mode: str, frames: int, size: int, source: str, folder: str) -> dict
     torch.set_num_threads(1)
     pipe = build_tiny_pipeline(seed=0)
     pipe.set_progress_bar_config(disable=True)
-    detector = tiny_lineart_detector()
+    detector = tiny_lineart_detector() if annotator == "tiny" else _edges
     common = dict(prompt="a girl", negative_prompt="bad", num_inference_steps=1, lineart_detector=detector,
                   generator=torch.Generator().manual_seed(0), decode_chunk_size=8)
     clip = vio.VideoClip(source, indices=range(frames))
@@ -59,7 +67,7 @@ def one_run(mode: str, frames: int, size: int, source: str, folder: str) -> dict
             "rss_after_loading_mb": round(baseline), "peak_rss_mb": round(peak), "growth_mb": round(peak - baseline)}
 
 
-def rss_table(frame_counts, size, modes):
+def rss_table(frame_counts, size, modes, annotator):
     from diffutoon import video as vio
 
     rows = []
@@ -68,7 +76,8 @@ def rss_table(frame_counts, size, modes):
         vio.write_video(source, _moving_frames(max(frame_counts), size), fps=25, progress=False)  # streamed in
         for n in frame_counts:
             for mode in modes:
-                cmd = [sys.executable, __file__, "--one", mode, str(n), str(size), str(source), str(Path(tmp) / f"r{n}")]
+                cmd = [sys.executable, __file__, "--one", mode, str(n), str(size), str(source), str(Path(tmp) / f"r{n}"),
+                       annotator]
                 out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
                 if out.returncode:
                     raise RuntimeError(out.stderr[-2000:])
@@ -126,15 +135,17 @@ def main():
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--modes", nargs="+", default=["streamed", "in memory"])
     parser.add_argument("--checkpoint", action="store_true", help="measure the checkpoint cost instead")
-    parser.add_argument("--one", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--annotator", choices=("edges", "tiny"), default="edges",
+                        help="lineart stand-in: PIL edges (fast, default) or the tiny random LineartDetector")
+    parser.add_argument("--one", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        mode, n, size, source, folder = args.one
-        print(json.dumps(one_run(mode, int(n), int(size), source, folder)))
+        mode, n, size, source, folder, annotator = args.one
+        print(json.dumps(one_run(mode, int(n), int(size), source, folder, annotator)))
     elif args.checkpoint:
         checkpoint_cost(args.frames[0])
     else:
-        rss_table(args.frames, args.size, args.modes)
+        rss_table(args.frames, args.size, args.modes, args.annotator)
 
 
 if __name__ == "__main__":

@@ -542,15 +542,13 @@ def identity_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def tensor_fingerprint(values) -> str:
-    """A short hash of an array or tensor's shape and a strided sample of its values (a cheap content identity)."""
+    """A short hash of an array or tensor's shape, dtype and every value (frames, latents, generator states)."""
     if isinstance(values, torch.Tensor):
         values = values.detach().cpu()
         values = values.float().numpy() if values.dtype == torch.bfloat16 else values.numpy()
     values = np.asarray(values)
-    flat = values.reshape(-1)
-    step = max(1, flat.size // 4096)
     digest = hashlib.sha256(f"{values.shape} {values.dtype}".encode())
-    digest.update(np.ascontiguousarray(flat[::step]).tobytes())
+    digest.update(np.ascontiguousarray(values).data)
     return digest.hexdigest()[:16]
 
 
