@@ -1272,8 +1272,8 @@ class DiffutoonPipeline(
             run.report(stage="fastblend", **{"pass": "edit"}, done=0, total=n)
             options = {**FASTBLEND_DEFAULTS, "device": self._execution_device, **(fastblend or {})}
             progress = not getattr(self, "_progress_bar_config", {}).get("disable", False)
-            colors.write(0, smooth_video(_frames_array(decoded), _frames_array(frames.clip), progress=progress,
-                                         **options))
+            smooth_video(_frames_array(decoded), _frames_array(frames.clip), progress=progress,
+                         out=_frames_array(colors, writable=True), **options)  # each frame written as it is done
         run.finish_stage("edit")
         return colors
 
@@ -1282,9 +1282,9 @@ def _as_source(video) -> _VideoSource:
     return video if isinstance(video, _VideoSource) else _VideoSource(video)
 
 
-def _frames_array(frames) -> np.ndarray:
-    """A frame array's frames as one numpy array (memory-mapped, read-only, for one in the render folder)."""
-    return frames.array if isinstance(frames, HostFrames) else np.load(frames.path, mmap_mode="r")
+def _frames_array(frames, writable: bool = False) -> np.ndarray:
+    """A frame array's frames as one numpy array (memory-mapped for one in the render folder)."""
+    return frames.array if isinstance(frames, HostFrames) else np.load(frames.path, mmap_mode="r+" if writable else "r")
 
 
 def _video_latents(latents) -> torch.Tensor:
