@@ -268,34 +268,33 @@ def _check_values(frames, name: str = "`video`") -> None:
 
 
 def _video_to_uint8(video, name: str = "video") -> torch.Tensor:
-    """Frames -> uint8 tensor (N, 3, H, W) on the host. Accepts a list of PIL images, an array (N, H, W, 3), a tensor
-    (N, 3, H, W) or (N, H, W, 3), or a list of such frames; uint8, or floats in [0, 1]."""
+    """Frames -> uint8 tensor (N, 3, H, W) on the host. Accepts a list of PIL images, an array or a tensor of frames
+    (N, H, W, 3) or (N, 3, H, W), or a list of such frames; uint8, or floats in [0, 1]."""
     if isinstance(video, PIL.Image.Image):
         video = [video]
     if isinstance(video, (list, tuple)):
         if len(video) == 0:
             raise ValueError(f"`{name}` is empty: pass at least one frame.")
-        frames = [np.asarray(f.convert("RGB")) if isinstance(f, PIL.Image.Image) else f for f in video]
-        frames = [f if isinstance(f, torch.Tensor) else np.asarray(f) for f in frames]
+        frames = [f if isinstance(f, torch.Tensor) else np.asarray(f.convert("RGB") if isinstance(f, PIL.Image.Image) else f)
+                  for f in video]
         shapes = sorted({tuple(f.shape) for f in frames})
         if len(shapes) > 1:
             raise ValueError(f"All frames of `{name}` must have the same size, got frames of shapes {shapes}: resize "
                              "them first.")
-        tensors = any(isinstance(f, torch.Tensor) for f in frames)  # tensors keep their layout, either one
-        video = torch.stack([torch.as_tensor(f) for f in frames]) if tensors else np.stack(frames)
+        video = torch.stack([torch.as_tensor(f) for f in frames])
     if not isinstance(video, (np.ndarray, torch.Tensor)):
         raise ValueError(f"`{name}` must be a list of PIL images, a uint8 array (N, H, W, 3) or a tensor, got "
                          f"{type(video).__name__}.")
-    shape, channels_last = tuple(video.shape), isinstance(video, np.ndarray)  # arrays are (N, H, W, 3)
-    video = torch.from_numpy(np.ascontiguousarray(video)) if channels_last else video
-    if video.ndim == 3 and (shape[-1] == 3 or (shape[0] == 3 and not channels_last)):
+    shape = tuple(video.shape)
+    video = torch.from_numpy(np.ascontiguousarray(video)) if isinstance(video, np.ndarray) else video
+    if video.ndim == 3 and 3 in (shape[0], shape[-1]):
         video, shape = video[None], (1, *shape)  # one frame
     if video.ndim == 3 or (video.ndim == 4 and 1 in (shape[-1], shape[1])):
         raise ValueError(f"`{name}` has shape {shape}, which looks like grayscale frames: pass RGB frames "
                          f"(N, H, W, 3), e.g. np.repeat(frames[..., None], 3, axis=-1) for (N, H, W) frames.")
     if video.ndim != 4 or shape[0] == 0:
         raise ValueError(f"`{name}` must hold N >= 1 frames as (N, H, W, 3) or (N, 3, H, W), got shape {shape}.")
-    if channels_last or (shape[1] != 3 and shape[-1] == 3):
+    if shape[-1] == 3:  # (N, H, W, 3), else (N, 3, H, W)
         video = video.permute(0, 3, 1, 2)
     if video.shape[1] != 3:
         raise ValueError(f"`{name}` frames must be RGB with 3 channels, got shape {shape}"
@@ -802,7 +801,8 @@ class DiffutoonPipeline(
         r"""Render `video` in the toon style.
 
         Args:
-            video: the input video: list of PIL images, uint8 array (N, H, W, 3), or tensor (uint8, or float in [0, 1]).
+            video: the input video: list of PIL images, or an array / tensor / list of frames laid out (N, H, W, 3) or
+                (N, 3, H, W); uint8, or floats in [0, 1] (a [0, 255] float video is refused: divide by 255).
             prompt / negative_prompt: one string each. The reference's negative prompt is the textual inversion
                 `verybadimagenegative_v1.3` (load it with `load_textual_inversion`).
             height, width: output size (multiples of 8); defaults to the video's. Frames are centre-cropped and resized.

@@ -509,11 +509,12 @@ def test_diffusers_callback_conventions_cfg_cutoff(tiny_pipe, video):
 
 def test_frames_in_every_documented_layout_are_the_same_video(tiny_pipe):
     """A list of (3, H, W) uint8 tensors (the docstring's tensor layout, one frame each) is the video, not a
-    mis-permuted one; so are lists of (H, W, 3) arrays, float frames in [0, 1] and other integer types."""
+    mis-permuted one; so are lists of (H, W, 3) arrays, channels-first arrays, floats in [0, 1], other integer types."""
     frames = make_video(3, SIZE)
     expected = run(tiny_pipe, frames, num_inference_steps=1)
     chw = [torch.from_numpy(f).permute(2, 0, 1) for f in frames]
-    for video in (chw, list(frames), torch.stack(chw).float() / 255, frames.astype(np.int64), [f / 255 for f in chw]):
+    for video in (chw, list(frames), torch.stack(chw).float() / 255, frames.astype(np.int64), [f / 255 for f in chw],
+                  frames.transpose(0, 3, 1, 2)):
         torch.testing.assert_close(run(tiny_pipe, video, num_inference_steps=1), expected, rtol=0, atol=0)
 
 
