@@ -64,9 +64,11 @@ def test_assembled_folder_loads_offline_and_renders_identically(tmp_path):
     original = save_tiny_pipeline(tmp_path / "saved")
     out = assemble(tmp_path / "hub", tmp_path / "saved", base_model=["someone/anime-sd15"])
 
+    code, shipped = hub_pipeline_code(Path(ROOT) / "pipeline_diffutoon.py")  # the modules the import block names
+    assert "diffutoon_scheduling" in shipped
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [*(p.name for p in (tmp_path / "saved").iterdir()), "pipeline.py", "README.md", "diffutoon_scheduling.py"])
-    assert (out / "pipeline.py").read_text() == hub_pipeline_code(Path(ROOT) / "pipeline_diffutoon.py")[0]
+        [*(p.name for p in (tmp_path / "saved").iterdir()), "pipeline.py", "README.md", *(f"{m}.py" for m in shipped)])
+    assert (out / "pipeline.py").read_text() == code
     scheduling = (Path(ROOT) / "diffutoon" / "scheduling.py").read_bytes()
     assert (out / "diffutoon_scheduling.py").read_bytes() == (out / "scheduler" / "diffutoon_scheduling.py").read_bytes() == scheduling
     index = json.loads((out / "model_index.json").read_text())
@@ -112,8 +114,9 @@ def test_assemble_refuses_to_overwrite_unless_asked(tmp_path):
     assert [p.name for p in out.iterdir()] == ["keep.txt"]  # untouched
 
     assemble(out, source, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "diffutoon_scheduling.py", "model_index.json",
-                                                     "pipeline.py", "scheduler"]
+    shipped = [f"{m}.py" for m in hub_pipeline_code(Path(ROOT) / "pipeline_diffutoon.py")[1]]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["README.md", "model_index.json", "pipeline.py", "scheduler",
+                                                            *shipped])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hub", "saved"]  # no temporary folders left behind
 
 
@@ -227,34 +230,34 @@ def test_assemble_ships_exactly_the_modules_the_import_block_names(tmp_path):
     """Generic over the block: a module added to it ships too; a missing one, branches naming different objects, or a
     module importing what a diffusers-only user lacks fail before anything is written."""
     code = (Path(ROOT) / "pipeline_diffutoon.py").read_text()
-    assert main_pass_modules(code)[0] == {
-        "diffutoon.scheduling": ["DiffutoonDDIMScheduler", "ddim_step", "diffutoon_timesteps"]}
-    # a checkout whose block also names diffutoon.reuse, as the lead will add it
-    (tmp_path / "diffutoon").mkdir()
-    shutil.copyfile(Path(ROOT) / "diffutoon" / "scheduling.py", tmp_path / "diffutoon" / "scheduling.py")
-    reuse = tmp_path / "diffutoon" / "reuse.py"
+    assert main_pass_modules(code)[0]["diffutoon.scheduling"] == ["DiffutoonDDIMScheduler", "ddim_step",
+                                                                  "diffutoon_timesteps"]
+    # a checkout whose block also names one more module
+    shutil.copytree(Path(ROOT) / "diffutoon", tmp_path / "diffutoon", ignore=shutil.ignore_patterns("__pycache__"))
+    extra = tmp_path / "diffutoon" / "extra_example.py"
     pipeline_file = tmp_path / "pipeline_diffutoon.py"
     installed = "    DiffutoonDDIMScheduler, ddim_step, diffutoon_timesteps = _import_names("
     relative = "    from .diffutoon.scheduling"
-    two = code.replace(installed, '    (Reuse,) = _import_names("diffutoon.reuse", "Reuse")\n' + installed).replace(
-        relative, "    from .diffutoon.reuse import Reuse  # noqa: F401\n" + relative)
+    two = code.replace(installed, '    (Extra,) = _import_names("diffutoon.extra_example", "Extra")\n' + installed).replace(
+        relative, "    from .diffutoon.extra_example import Extra  # noqa: F401\n" + relative)
     pipeline_file.write_text(two)
-    reuse.write_text("import numpy as np\nimport torch\n\n\nclass Reuse:\n    def f(self):\n        import cv2  # lazily\n")
+    extra.write_text("import numpy as np\nimport torch\n\n\nclass Extra:\n    def f(self):\n        import cv2  # lazily\n")
     hub_code, files = hub_pipeline_code(pipeline_file)
-    assert files == {"diffutoon_reuse": reuse, "diffutoon_scheduling": tmp_path / "diffutoon" / "scheduling.py"}
+    assert files["diffutoon_extra_example"] == extra
+    assert files["diffutoon_scheduling"] == tmp_path / "diffutoon" / "scheduling.py"
     block = hub_code.split(BLOCK[0])[1].split(BLOCK[1])[0]
-    assert "from .diffutoon_reuse import Reuse  # noqa: F401" in block and "_import_names" not in block
+    assert "from .diffutoon_extra_example import Extra  # noqa: F401" in block and "_import_names" not in block
 
     for text, message in {"import cv2\n": "imports cv2",  # at import time: not a diffusers dependency
                           "from diffutoon import video\n": "imports diffutoon",  # another project module
                           "from .scheduling import x\n": "imports relatively"}.items():
-        reuse.write_text(text)
+        extra.write_text(text)
         with pytest.raises(ValueError, match=message):
             assemble(tmp_path / "hub", tmp_path / "nowhere", pipeline_file=pipeline_file)
-    reuse.unlink()
-    with pytest.raises(FileNotFoundError, match="names diffutoon.reuse"):
+    extra.unlink()
+    with pytest.raises(FileNotFoundError, match="names diffutoon.extra_example"):
         assemble(tmp_path / "hub", tmp_path / "nowhere", pipeline_file=pipeline_file)
-    pipeline_file.write_text(two.replace("from .diffutoon.reuse import Reuse", "from .diffutoon.reuse import Other"))
+    pipeline_file.write_text(two.replace("from .diffutoon.extra_example import Extra", "from .diffutoon.extra_example import Other"))
     with pytest.raises(ValueError, match="same modules and objects in both branches"):
         assemble(tmp_path / "hub", tmp_path / "nowhere", pipeline_file=pipeline_file)
     assert not (tmp_path / "hub").exists()
