@@ -13,6 +13,8 @@ full-length noise prediction; the sampler loop in `__call__` never knows about w
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import inspect
 import os
 from pathlib import Path
@@ -25,6 +27,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, ControlNetModel, DiffusionPipeline, UNet2DConditionModel, UNetMotionModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.loaders import FromSingleFileMixin, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D, MotionAdapter
@@ -34,12 +37,56 @@ from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from diffutoon.render_folder import CHUNK, HostFrames, InMemoryRender, RenderFolder, RenderFolderError  # noqa: F401
-from diffutoon.render_folder import file_fingerprint, module_fingerprint, randn_into, tensor_fingerprint
-from diffutoon.reuse import WindowReuse, compute_prefix, has_prefix
-from diffutoon.scheduling import DiffutoonDDIMScheduler, ddim_step, diffutoon_timesteps  # noqa: F401 (re-exported)
-
 logger = logging.get_logger(__name__)
+
+PROJECT_INSTALL = "run `pip install -e .` in a checkout of Diffutoon for diffusers (see its README)"
+
+
+def _import(name: str, needed_for: str, install: str = PROJECT_INSTALL):
+    """`importlib.import_module(name)`, or ONE ImportError saying what needs the module and how to install it.
+
+    A call, not an import statement: diffusers' `check_imports` reads every import line of a custom pipeline file
+    (even inside functions) and tells users to `pip install` each name it cannot import, names that are not this
+    project on any package index.
+    """
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as error:
+        if error.name is None or not f"{name}.".startswith(f"{error.name}."):
+            raise  # a dependency of `name` is missing: its own message names it
+        raise ImportError(f"{needed_for} needs `{name}`, which is not installed: {install}.") from None
+
+
+def _import_names(module: str, *names: str):
+    """The objects `names` of the project module `module` (see the import block below)."""
+    loaded = _import(module, "The Diffutoon pipeline")
+    return tuple(getattr(loaded, name) for name in names)
+
+
+# >>> main-pass modules >>>
+# The project modules the main pass needs (CONTRACT.md's import rule), imported here and nowhere else. They import
+# only stdlib, numpy, torch, diffusers, transformers and safetensors. model_card/assemble.py ships a flat copy of each
+# module named here beside the Hub folder's pipeline.py and rewrites this block as relative imports of those copies,
+# so a user with only diffusers can load that folder. Name each module twice, with the same names in both branches.
+try:  # the installed package: one class, whatever loaded this file (saved pipelines name its module)
+    DiffutoonDDIMScheduler, ddim_step, diffutoon_timesteps = _import_names(
+        "diffutoon.scheduling", "DiffutoonDDIMScheduler", "ddim_step", "diffutoon_timesteps")
+    (CHUNK, HostFrames, InMemoryRender, RenderFolder, RenderFolderError, file_fingerprint, module_fingerprint,
+     randn_into, scheduler_state, tensor_fingerprint) = _import_names(
+        "diffutoon.render_folder", "CHUNK", "HostFrames", "InMemoryRender", "RenderFolder", "RenderFolderError",
+        "file_fingerprint", "module_fingerprint", "randn_into", "scheduler_state", "tensor_fingerprint")
+    WindowReuse, compute_prefix, has_prefix = _import_names("diffutoon.reuse", "WindowReuse", "compute_prefix",
+                                                            "has_prefix")
+except ImportError:
+    if not __package__:
+        raise
+    # custom_pipeline=<this file> in a checkout that is not pip-installed: diffusers copied these files beside it
+    from .diffutoon.scheduling import DiffutoonDDIMScheduler, ddim_step, diffutoon_timesteps  # noqa: F401
+    from .diffutoon.render_folder import (CHUNK, HostFrames, InMemoryRender, RenderFolder,  # noqa: F401
+                                          RenderFolderError, file_fingerprint, module_fingerprint, randn_into,
+                                          scheduler_state, tensor_fingerprint)
+    from .diffutoon.reuse import WindowReuse, compute_prefix, has_prefix
+# <<< main-pass modules <<<
 
 DEFAULT_PROMPT = "best quality, perfect anime illustration, light"  # SPEC's example adds its subject: "a girl is dancing, smile, solo"
 DEFAULT_NEGATIVE_PROMPT = "verybadimagenegative_v1.3"
@@ -209,38 +256,64 @@ def _nets(controlnet) -> list[ControlNetModel]:
     return list(controlnet.nets) if isinstance(controlnet, MultiControlNetModel) else [controlnet]
 
 
-def _video_to_uint8(video) -> torch.Tensor:
-    """List of PIL images, uint8 array (N, H, W, 3), or tensor -> uint8 tensor (N, 3, H, W) on the host.
+def _check_values(frames, name: str = "`video`") -> None:
+    """Float frames must be finite and in [0, 1], integer ones in [0, 255]; PIL images always are. Cheap enough to run
+    on every input before any model does."""
+    if isinstance(frames, (list, tuple)):
+        for frame in frames:
+            _check_values(frame, name)
+        return
+    if isinstance(frames, PIL.Image.Image) or not isinstance(frames, (np.ndarray, torch.Tensor)):
+        return
+    frames = torch.as_tensor(frames) if isinstance(frames, np.ndarray) else frames
+    if frames.dtype == torch.uint8 or frames.numel() == 0:
+        return
+    if frames.dtype.is_floating_point and frames.isnan().any():
+        raise ValueError(f"{name} contains NaN values: pass finite frames.")
+    low, high = frames.min().item(), frames.max().item()
+    if frames.dtype.is_floating_point and (low < 0 or high > 1):
+        raise ValueError(f"{name} holds floats in [{low:g}, {high:g}], but float frames are read as values in [0, 1]: "
+                         "pass uint8 frames, or divide by 255.")
+    if not frames.dtype.is_floating_point and (low < 0 or high > 255):
+        raise ValueError(f"{name} holds integers in [{low}, {high}]: pass uint8 frames with values in [0, 255].")
 
-    Float arrays/tensors are read as values in [0, 1]; tensors may be (N, 3, H, W) or (N, H, W, 3).
-    """
+
+def _video_to_uint8(video, name: str = "video") -> torch.Tensor:
+    """Frames -> uint8 tensor (N, 3, H, W) on the host. Accepts a list of PIL images, an array or a tensor of frames
+    (N, H, W, 3) or (N, 3, H, W), or a list of such frames; uint8, or floats in [0, 1]."""
     if isinstance(video, PIL.Image.Image):
         video = [video]
     if isinstance(video, (list, tuple)):
         if len(video) == 0:
-            raise ValueError("`video` is empty: pass at least one frame.")
-        if isinstance(video[0], PIL.Image.Image):
-            sizes = {frame.size for frame in video}
-            if len(sizes) > 1:
-                raise ValueError(f"All frames of `video` must have the same size, got {sorted(sizes)}: resize them first.")
-            video = np.stack([np.asarray(frame.convert("RGB")) for frame in video])
-        else:
-            video = np.stack([np.asarray(frame) for frame in video])
-    channels_last = isinstance(video, np.ndarray)  # arrays are (N, H, W, 3); tensors may be either
-    if channels_last:
-        video = torch.from_numpy(np.ascontiguousarray(video))
-    if not isinstance(video, torch.Tensor):
-        raise ValueError(f"`video` must be a list of PIL images, a uint8 array (N, H, W, 3) or a tensor, got {type(video)}.")
-    if video.ndim == 3:
-        video = video[None]
-    if video.ndim != 4 or video.shape[0] == 0:
-        raise ValueError(f"`video` must hold N >= 1 frames as (N, H, W, 3) or (N, 3, H, W), got shape {tuple(video.shape)}.")
-    if channels_last or (video.shape[1] != 3 and video.shape[-1] == 3):
+            raise ValueError(f"`{name}` is empty: pass at least one frame.")
+        frames = [f if isinstance(f, torch.Tensor) else np.asarray(f.convert("RGB") if isinstance(f, PIL.Image.Image) else f)
+                  for f in video]
+        shapes = sorted({tuple(f.shape) for f in frames})
+        if len(shapes) > 1:
+            raise ValueError(f"All frames of `{name}` must have the same size, got frames of shapes {shapes}: resize "
+                             "them first.")
+        video = torch.stack([torch.as_tensor(f) for f in frames])
+    if not isinstance(video, (np.ndarray, torch.Tensor)):
+        raise ValueError(f"`{name}` must be a list of PIL images, a uint8 array (N, H, W, 3) or a tensor, got "
+                         f"{type(video).__name__}.")
+    shape = tuple(video.shape)
+    video = torch.from_numpy(np.ascontiguousarray(video)) if isinstance(video, np.ndarray) else video
+    if video.ndim == 3 and 3 in (shape[0], shape[-1]):
+        video, shape = video[None], (1, *shape)  # one frame
+    if video.ndim == 3 or (video.ndim == 4 and 1 in (shape[-1], shape[1])):
+        raise ValueError(f"`{name}` has shape {shape}, which looks like grayscale frames: pass RGB frames "
+                         f"(N, H, W, 3), e.g. np.repeat(frames[..., None], 3, axis=-1) for (N, H, W) frames.")
+    if video.ndim != 4 or shape[0] == 0:
+        raise ValueError(f"`{name}` must hold N >= 1 frames as (N, H, W, 3) or (N, 3, H, W), got shape {shape}.")
+    if shape[-1] == 3:  # (N, H, W, 3), else (N, 3, H, W)
         video = video.permute(0, 3, 1, 2)
     if video.shape[1] != 3:
-        raise ValueError(f"`video` frames must be RGB with 3 channels, got shape {tuple(video.shape)}.")
+        raise ValueError(f"`{name}` frames must be RGB with 3 channels, got shape {shape}"
+                         f"{' (RGBA? drop the alpha channel)' if 4 in (shape[1], shape[-1]) else ''}.")
+    _check_values(video, f"`{name}`")
     if video.dtype != torch.uint8:
-        video = (video.float().clamp(0, 1) * 255).round().to(torch.uint8)
+        scale = 255 if video.dtype.is_floating_point else 1
+        video = (video.float() * scale).round().to(torch.uint8)
     return video.contiguous().cpu()
 
 
@@ -266,9 +339,7 @@ class _VideoSource:
     def __init__(self, video):
         self.clip, self.frames = None, None
         if isinstance(video, (str, os.PathLike)):
-            from diffutoon.video import VideoClip  # decord + ffmpeg: only for video files
-
-            video = VideoClip(video)
+            video = _import("diffutoon.video", "Reading a video file").VideoClip(video)  # decord + ffmpeg
         if hasattr(video, "read") and hasattr(video, "shape"):  # lazy: read(start, end) -> uint8 (n, H, W, 3)
             self.clip, (self.num_frames, self.height, self.width) = video, video.shape[:3]
         else:
@@ -358,14 +429,16 @@ class DiffutoonPipeline(
             without copying its weights.
         motion_adapter ([`MotionAdapter`], *optional*): AnimateDiff motion modules; not kept once joined.
         controlnet: one [`ControlNetModel`], a list of them, or a [`MultiControlNetModel`].
-        scheduler: [`DiffutoonDDIMScheduler`] (the reference's DDIM) by default; any diffusers scheduler works.
+        scheduler: any diffusers scheduler you choose; None (the default) is [`DiffutoonDDIMScheduler`], the
+            reference's DDIM. Built from a checkpoint that is not a saved Diffutoon pipeline (an SD1.5 folder or
+            file), the pipeline ignores the checkpoint's own scheduler (see `extract_init_dict`).
         controlnet_conditions (`str`, defaults to `"lineart,tile"`): what each ControlNet is conditioned on when
             `conditioning_frames` does not say: `"lineart"` (controlnet-aux LineartDetector on the video) or
             `"tile"` (the video itself).
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
-    _optional_components = ["motion_adapter", "edit_controlnet"]
+    _optional_components = ["motion_adapter", "edit_controlnet", "scheduler"]  # scheduler: None = the reference DDIM
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
     def __init__(
@@ -375,7 +448,7 @@ class DiffutoonPipeline(
         tokenizer: CLIPTokenizer,
         unet: UNet2DConditionModel | UNetMotionModel,
         controlnet: ControlNetModel | list[ControlNetModel] | tuple[ControlNetModel] | MultiControlNetModel,
-        scheduler,
+        scheduler=None,
         motion_adapter: MotionAdapter | None = None,
         edit_controlnet: ControlNetModel | list[ControlNetModel] | MultiControlNetModel | None = None,
         controlnet_conditions: str = "lineart,tile",
@@ -388,6 +461,8 @@ class DiffutoonPipeline(
             unet = unet_motion_from_unet2d(unet, motion_adapter)
         if isinstance(controlnet, (list, tuple)):
             controlnet = MultiControlNetModel(list(controlnet))
+        if scheduler is None:
+            scheduler = DiffutoonDDIMScheduler()
         if isinstance(edit_controlnet, (list, tuple)):
             edit_controlnet = MultiControlNetModel(list(edit_controlnet))
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
@@ -403,15 +478,28 @@ class DiffutoonPipeline(
     # Loading
 
     @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        """diffusers' loaders (`from_pretrained`, also through `DiffusionPipeline.from_pretrained(...,
+        custom_pipeline=...)`, and `from_single_file`) read the components to load from a checkpoint's
+        model_index.json here. The scheduler of a checkpoint that is not a saved Diffutoon pipeline (SD1.5 ships
+        PNDMScheduler, another sampler) was nobody's choice for this pipeline: it is not loaded, so `__init__` gets
+        the `scheduler=` you passed, or None, the reference DDIM. A saved Diffutoon pipeline keeps its scheduler."""
+        init_dict, unused_kwargs, hidden_dict = super().extract_init_dict(config_dict, **kwargs)
+        name = config_dict.get("_class_name")
+        ours = (name[-1] if isinstance(name, (list, tuple)) else name) == cls.__name__
+        if not ours and isinstance(init_dict.get("scheduler"), (list, tuple)):
+            logger.info(f"Not loading the checkpoint's {init_dict.pop('scheduler')[-1]}: sampling with the `scheduler` "
+                        "you pass, else the reference DiffutoonDDIMScheduler.")
+        return init_dict, unused_kwargs, hidden_dict
+
+    @classmethod
     def from_models(cls, base: str, motion_adapter: str = HUB_MODELS["motion_adapter"],
                     controlnets: list[str] = (HUB_MODELS["lineart"], HUB_MODELS["tile"]),
                     edit_controlnets: list[str] | None = None, torch_dtype=None, **kwargs):
         """Assemble the pipeline from Hub ids or local paths: an SD1.5 `base` (diffusers folder or a single
         .safetensors/.ckpt file), the motion adapter and the ControlNets (lineart first, tile second by default);
         `edit_controlnets` (softedge, depth: `[HUB_MODELS["softedge"], HUB_MODELS["depth"]]`) enables the editing
-        branch. `torch_dtype` defaults to float16 on CUDA, float32 otherwise."""
-        import os
-
+        branch. `torch_dtype` defaults to float16 on CUDA, float32 otherwise. `scheduler=` picks another sampler."""
         if torch_dtype is None:
             torch_dtype = torch.float16 if torch.cuda.is_available() else torch.float32
         load = dict(dtype=torch_dtype, **{k: kwargs.pop(k) for k in ("cache_dir", "local_files_only", "token", "revision") if k in kwargs})
@@ -423,7 +511,8 @@ class DiffutoonPipeline(
 
         adapter = MotionAdapter.from_pretrained(motion_adapter, **load)
         nets = [controlnet_from(path) for path in controlnets]
-        parts = dict(motion_adapter=adapter, controlnet=nets, scheduler=DiffutoonDDIMScheduler(), **kwargs)
+        parts = dict(motion_adapter=adapter, controlnet=nets, **kwargs)
+        parts.setdefault("scheduler", DiffutoonDDIMScheduler())  # explicit: from_single_file's config may be inferred
         if edit_controlnets:
             parts["edit_controlnet"] = [controlnet_from(path) for path in edit_controlnets]
         if os.path.isfile(base):
@@ -437,18 +526,16 @@ class DiffutoonPipeline(
         """Exact memory-efficient attention in every component (text encoder, UNet and motion modules,
         ControlNets, VAE), paper 3.3: what lets one 1536x1536 frame fit. `backend`: "auto" (SDPA's flash /
         memory-efficient kernels, else query-chunked), "native", "chunked", "flash", "xformers" or "sage"."""
-        from attention_processors import enable_memory_efficient_attention
-
+        processors = _import("attention_processors", "enable_memory_efficient_attention")
         self.disable_memory_efficient_attention()
-        self._memory_efficient_snapshot = enable_memory_efficient_attention(self, backend=backend, chunk_size=chunk_size)
+        self._memory_efficient_snapshot = processors.enable_memory_efficient_attention(self, backend=backend,
+                                                                                       chunk_size=chunk_size)
 
     def disable_memory_efficient_attention(self):
         """Put back exactly the attention processors that were there before `enable_memory_efficient_attention`."""
         snapshot = getattr(self, "_memory_efficient_snapshot", None)
         if snapshot is not None:
-            from attention_processors import restore_attn_processors
-
-            restore_attn_processors(self, snapshot)
+            _import("attention_processors", "disable_memory_efficient_attention").restore_attn_processors(self, snapshot)
             self._memory_efficient_snapshot = None
 
     # ------------------------------------------------------------------------------------------------------------
@@ -493,8 +580,8 @@ class DiffutoonPipeline(
     def load_annotator(self, kind: str):
         """controlnet-aux's detector for `kind` (see `ANNOTATORS`) from lllyasviel/Annotators, loaded once."""
         if kind not in self._annotators:
-            import controlnet_aux
-
+            controlnet_aux = _import("controlnet_aux", f"The default {kind} condition (pass `conditioning_frames` to "
+                                     "skip the annotator)", "pip install controlnet-aux")
             detector = getattr(controlnet_aux, ANNOTATORS[kind]).from_pretrained(HUB_MODELS["annotators"])
             self._annotators[kind] = detector.to(self._execution_device)
         return self._annotators[kind]
@@ -527,10 +614,13 @@ class DiffutoonPipeline(
                 todo = [i for i, (_, log) in enumerate(arrays) if not log.done(chunk)]
                 video = source.resized(start, end, height, width) if todo else None
                 for i in todo:
-                    if given[i] is not None:
-                        frames = _resize_uint8(_video_to_uint8(given[i][start:end]), height, width)
+                    if kinds[i] == "tile" and colors is not None:
+                        frames = _VideoSource(colors).resized(start, end, height, width)
+                    elif given[i] is not None:
+                        frames = _resize_uint8(_video_to_uint8(given[i][start:end], "conditioning_frames"), height,
+                                               width)
                     elif kinds[i] == "tile":
-                        frames = video if colors is None else _VideoSource(colors).resized(start, end, height, width)
+                        frames = video
                     else:
                         frames = self.annotate(video, kinds[i], (detectors or {}).get(kinds[i]), progress=False)
                     arrays[i][0].write(start, frames.permute(0, 2, 3, 1).numpy())
@@ -700,7 +790,7 @@ class DiffutoonPipeline(
 
     def _check_pass(self, video: torch.Tensor, nets: list, conditions: str, height, width, num_inference_steps,
                     strength, context_length, context_stride, controlnet_conditioning_scale, conditioning_frames,
-                    where: str = ""):
+                    guidance_scale=7.0, clip_skip=None, decode_chunk_size=8, where: str = ""):
         """The checks the main pass and the editing branch share; `conditions` names the config entry of the
         pass's ControlNet kinds, `where` the pass in the messages."""
         n, kinds = video.shape[0], self.config[conditions].split(",")
@@ -717,6 +807,14 @@ class DiffutoonPipeline(
         if context_stride <= 0 or context_stride >= context_length:
             raise ValueError(f"{where}context_stride must satisfy 0 < context_stride < context_length "
                              f"(got stride {context_stride}, length {context_length}): windows must overlap.")
+        if guidance_scale < 0:
+            raise ValueError(f"{where}guidance_scale must be >= 0 (<= 1 turns guidance off), got {guidance_scale}.")
+        layers = self.text_encoder.config.num_hidden_layers
+        if clip_skip is not None and not 0 <= clip_skip < layers:
+            raise ValueError(f"{where}clip_skip must be in [0, {layers - 1}] (the text encoder has {layers} layers; 1 is "
+                             f"A1111's 'clip skip 2'), got {clip_skip}.")
+        if decode_chunk_size < 1:
+            raise ValueError(f"{where}decode_chunk_size must be >= 1 (frames per VAE call), got {decode_chunk_size}.")
         scales = controlnet_conditioning_scale
         if isinstance(scales, (list, tuple)) and len(scales) != len(nets):
             raise ValueError(f"{where}controlnet_conditioning_scale has {len(scales)} values for {len(nets)} ControlNets.")
@@ -728,14 +826,17 @@ class DiffutoonPipeline(
                 if frames is not None and len(frames) != n:
                     raise ValueError(f"{where}conditioning_frames for '{kind}' has {len(frames)} frames, the video {n}: "
                                      f"pass one condition frame per video frame.")
+                _check_values(frames, f"{where}`conditioning_frames` for '{kind}'")
 
     def check_inputs(self, video: torch.Tensor, prompt, negative_prompt, height, width, num_inference_steps,
                      guidance_scale, context_length, context_stride, controlnet_conditioning_scale,
-                     conditioning_frames, strength, output_type, callback_on_step_end_tensor_inputs, latents):
+                     conditioning_frames, strength, output_type, callback_on_step_end_tensor_inputs, latents,
+                     clip_skip=None, decode_chunk_size=8):
         """Every cheap check, before any model runs; each error says what to change."""
         n = video.shape[0]
         self._check_pass(video, self.controlnets, "controlnet_conditions", height, width, num_inference_steps, strength,
-                         context_length, context_stride, controlnet_conditioning_scale, conditioning_frames)
+                         context_length, context_stride, controlnet_conditioning_scale, conditioning_frames,
+                         guidance_scale, clip_skip, decode_chunk_size)
         if "strength" not in inspect.signature(self.scheduler.set_timesteps).parameters and \
                 int(num_inference_steps * strength) < 1:  # diffusers' img2img convention keeps int(T s) steps
             raise ValueError(f"strength {strength} keeps no step of {num_inference_steps} with "
@@ -770,6 +871,16 @@ class DiffutoonPipeline(
         config = {"desc": desc, **getattr(self, "_progress_bar_config", {})}
         return tqdm(iterable, total=total, **config)
 
+    # diffusers' call-state properties: set by `__call__`, read at every step, changeable by `callback_on_step_end`
+
+    @property
+    def guidance_scale(self):
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self):
+        return self._guidance_scale > 1
+
     @property
     def interrupt(self):
         return getattr(self, "_interrupt", False)
@@ -777,6 +888,12 @@ class DiffutoonPipeline(
     @property
     def num_timesteps(self):
         return self._num_timesteps
+
+    def _step_conditions(self, cond: DiffutoonConditions) -> DiffutoonConditions:
+        """`cond` as the properties stand now: a callback may have changed `_guidance_scale`, and at <= 1 the
+        negative branch no longer runs (what diffusers' `SDCFGCutoffCallback` relies on)."""
+        negative = cond.negative_prompt_embeds if self.do_classifier_free_guidance else None
+        return dataclasses.replace(cond, guidance_scale=self.guidance_scale, negative_prompt_embeds=negative)
 
     @staticmethod
     def _timesteps(scheduler, num_inference_steps: int, strength: float, device) -> torch.Tensor:
@@ -832,9 +949,10 @@ class DiffutoonPipeline(
         r"""Render `video` in the toon style.
 
         Args:
-            video: the input video: list of PIL images, uint8 array (N, H, W, 3), tensor (uint8, or float in [0, 1]),
-                or a video file (path, or a `diffutoon.video.VideoClip` selecting and resizing frames), decoded a
-                range of frames at a time.
+            video: the input video: list of PIL images, an array / tensor / list of frames laid out (N, H, W, 3) or
+                (N, 3, H, W), uint8 or floats in [0, 1] (a [0, 255] float video is refused: divide by 255); or a
+                video file (path, or a `diffutoon.video.VideoClip` selecting and resizing frames), decoded a range
+                of frames at a time.
             prompt / negative_prompt: one string each. The reference's negative prompt is the textual inversion
                 `verybadimagenegative_v1.3` (load it with `load_textual_inversion`).
             height, width: output size (multiples of 8); defaults to the video's. Frames are centre-cropped and resized.
@@ -889,15 +1007,18 @@ class DiffutoonPipeline(
             raise ValueError(f"motion_groupnorm must be 'per_frame' or 'diffusers', got {motion_groupnorm!r}.")
 
         # 1. Check inputs before any model runs
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs  # diffusers' callback objects
         self.check_inputs(source, prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
                           context_length, context_stride, controlnet_conditioning_scale, conditioning_frames, strength,
-                          output_type, callback_on_step_end_tensor_inputs, latents)
+                          output_type, callback_on_step_end_tensor_inputs, latents, clip_skip, decode_chunk_size)
         edit_settings = self._check_edit(source, edit_prompt, color_video, edit_kwargs)
         fps = self._check_output(output_path, fps, source)
         prompt = prompt if isinstance(prompt, str) else prompt[0]
         negative_prompt = "" if negative_prompt is None else negative_prompt if isinstance(negative_prompt, str) else negative_prompt[0]
         kinds = self.config.controlnet_conditions.split(",")
         self._interrupt = False
+        self._guidance_scale = guidance_scale
 
         # 2. The render's state: in host memory, or a render folder that survives a crash (and resumes this render)
         run = self._open_render(render_dir, fresh, progress_callback, arguments, source, height, width, edit_settings)
@@ -909,7 +1030,7 @@ class DiffutoonPipeline(
                 if color_video is None:
                     return self._interrupted(run, return_dict)
             elif color_video is not None:
-                color_video = HostFrames(_video_to_uint8(color_video).permute(0, 2, 3, 1).numpy())
+                color_video = HostFrames(_video_to_uint8(color_video, "color_video").permute(0, 2, 3, 1).numpy())
 
             # 4. Condition frames, uint8 at the output size, a chunk of frames at a time
             control_frames = self.prepare_control_frames(run, source, conditioning_frames, kinds, height, width,
@@ -930,7 +1051,7 @@ class DiffutoonPipeline(
 
             # 7. Initial latents (pure noise, eq. 1, or the noised video for strength < 1), or the last checkpoint
             latents, first_step = self._initial_latents(run, "main", self.scheduler, timesteps, source, height, width,
-                                                        latents, generator, strength, decode_chunk_size)
+                                                        latents, generator, strength, decode_chunk_size, cond=cond)
 
             # 8. Denoising loop: the sampler sees only full-length latents and noise predictions
             with per_frame_motion_groupnorm(self.unet, motion_groupnorm == "per_frame"):
@@ -1017,14 +1138,15 @@ class DiffutoonPipeline(
         return RenderFolder(render_dir, identity, fresh, progress_callback, needed, keep=arguments["keep_render_dir"])
 
     def _initial_latents(self, run, name: str, scheduler, timesteps, source, height: int, width: int, latents,
-                         generator, strength: float, chunk_size: int, one_sample: bool = False):
-        """(latent frame array (N, C, h, w), completed steps): the last intact checkpoint of pass `name`, else the
+                         generator, strength: float, chunk_size: int, one_sample: bool = False, cond=None):
+        """(latent frame array (N, C, h, w), completed steps): the last intact checkpoint of pass `name` (with the
+        scheduler, the generator and what callbacks changed in `cond` as they were then), else the
         start: the given `latents` or noise drawn on the host (`one_sample`: one sample repeated over the frames),
         noised from the video's VAE encoding for strength < 1 (a chunk of frames at a time), saved as step 0."""
         resumed = run.resume(name)
         if resumed is not None:
             step, frames, state = resumed
-            _restore(scheduler, generator, state)
+            _restore(scheduler, generator, state, self, cond)
             if step:
                 logger.warning(f"resuming the {name} pass at step {step + 1} of {len(timesteps)}")
             return frames, step
@@ -1066,14 +1188,14 @@ class DiffutoonPipeline(
                                windows=num_windows, done=i * num_windows + window, total=num_steps * num_windows,
                                frames=len(latents))
 
-                noise = self.denoise(latents, t, cond, out=run.scratch(f"{name}-noise", latents.shape),
+                noise = self.denoise(latents, t, self._step_conditions(cond), out=run.scratch(f"{name}-noise", latents.shape),
                                      on_window=on_window)
                 if noise is None:  # interrupted within the step: it is dropped
                     return latents, False
                 latents = self._step(scheduler, noise, t, latents, run.latents(name, i + 1, latents.shape))
                 if callback is not None:
                     self._callback(callback, callback_inputs, i, t, latents, cond)
-                run.checkpoint(name, i + 1, latents, _state(scheduler, generator))
+                run.checkpoint(name, i + 1, latents, _state(scheduler, generator, self._guidance_scale, cond))
         return latents, True
 
     @staticmethod
@@ -1110,8 +1232,7 @@ class DiffutoonPipeline(
         if output_path is None:  # diffusers' batch of one video
             frames = self.decode_latents(latents, decode_chunk_size, output_type, report=run.report)
             return [frames] if output_type == "pil" else frames[None]
-        from diffutoon import video as vio
-
+        vio = _import("diffutoon.video", "Writing output_path")
         clip = source.clip if hasattr(source.clip, "audio_span") else None
         chunks = self._decoded(latents, decode_chunk_size, "uint8", report=run.report)
         vio.write_output(output_path, chunks, fps, audio_from=getattr(clip, "path", None),
@@ -1123,8 +1244,7 @@ class DiffutoonPipeline(
         """Before any work: the output path's kind and the frame rate a video file needs."""
         if output_path is None:
             return fps
-        from diffutoon import video as vio
-
+        vio = _import("diffutoon.video", "Writing output_path")
         suffix = Path(output_path).suffix.lower()
         if suffix and suffix not in vio.VIDEO_SUFFIXES:
             raise ValueError(f"output_path {output_path}: use a video file ({', '.join(vio.VIDEO_SUFFIXES)}) or a "
@@ -1149,6 +1269,7 @@ class DiffutoonPipeline(
             raise ValueError("Pass either `edit_prompt` (run the editing branch) or `color_video` (your own), not both.")
         if color_video is not None and len(color_video) != video.shape[0]:
             raise ValueError(f"color_video has {len(color_video)} frames, the video {video.shape[0]}: one per frame.")
+        _check_values(color_video, "`color_video`")
         if (edit_prompt is not None or color_video is not None) and "tile" not in self.config.controlnet_conditions.split(","):
             raise ValueError("The colour video feeds the tile ControlNet, and this pipeline has none "
                              f"(controlnet_conditions={self.config.controlnet_conditions!r}).")
@@ -1159,11 +1280,16 @@ class DiffutoonPipeline(
         settings.pop("negative_prompt"), settings.pop("generator")
         self._check_edit_settings(video, **{k: settings[k] for k in (
             "height", "width", "num_inference_steps", "strength", "context_length", "context_stride",
-            "conditioning_frames", "controlnet_conditioning_scale")})
+            "conditioning_frames", "controlnet_conditioning_scale", "guidance_scale", "clip_skip", "decode_chunk_size",
+            "fastblend")})
         return settings
 
     def _check_edit_settings(self, video, height, width, num_inference_steps, strength, context_length,
-                             context_stride, conditioning_frames, controlnet_conditioning_scale):
+                             context_stride, conditioning_frames, controlnet_conditioning_scale, guidance_scale=7.0,
+                             clip_skip=None, decode_chunk_size=8, fastblend=None):
+        _import("attention_processors", "The editing branch")  # what it needs, before its settings and any work
+        if fastblend is not False:
+            _import("fastblend", "The editing branch's deflickering (pass fastblend=False to skip it)")
         if not self.edit_controlnets:
             raise ValueError(
                 "The editing branch needs its ControlNets (softedge + depth), which this pipeline has not loaded: "
@@ -1171,7 +1297,7 @@ class DiffutoonPipeline(
                 "'lllyasviel/control_v11f1p_sd15_depth']), or set `pipe.edit_controlnet = MultiControlNetModel([...])`.")
         self._check_pass(video, self.edit_controlnets, "edit_controlnet_conditions", height, width,
                          num_inference_steps, strength, context_length, context_stride, controlnet_conditioning_scale,
-                         conditioning_frames, where="the editing branch's ")
+                         conditioning_frames, guidance_scale, clip_skip, decode_chunk_size, where="the editing branch's ")
 
     @torch.no_grad()
     def make_color_video(
@@ -1217,7 +1343,8 @@ class DiffutoonPipeline(
         source = _as_source(settings.pop("video"))
         del settings["self"]
         self._check_edit_settings(source, height, width, num_inference_steps, strength, context_length, context_stride,
-                                  conditioning_frames, controlnet_conditioning_scale)
+                                  conditioning_frames, controlnet_conditioning_scale, guidance_scale, clip_skip,
+                                  decode_chunk_size, fastblend)
         self._interrupt = False
         colors = self._edit_pass(InMemoryRender(), source, **settings)
         return None if colors is None else colors.array
@@ -1228,8 +1355,7 @@ class DiffutoonPipeline(
                    cross_attention_kwargs, reuse_across_windows):
         """The editing branch's colour video as a frame array (N, height, width, 3) of `run` (stages done before a
         crash are kept), or None if interrupted. `make_color_video` documents the settings."""
-        from attention_processors import cross_frame_attention
-
+        cross_frame_attention = _import("attention_processors", "The editing branch").cross_frame_attention
         n, kinds = len(source), self.config.edit_controlnet_conditions.split(",")
         colors = run.frames("edit/colors", (n, height, width, 3), np.uint8)[0]
         scheduler = scheduler or DiffutoonDDIMScheduler(beta_schedule="scaled_linear")
@@ -1258,8 +1384,12 @@ class DiffutoonPipeline(
                                                     generator, strength, decode_chunk_size, one_sample=True)
         with without_motion_modules(self.unet), cross_frame_attention(self.unet, mode=cross_frame_mode) as state:
             cond.cross_frame = state
-            latents, complete = self._sample(run, "edit", latents, first_step, timesteps, cond, scheduler,
-                                             "editing branch (steps x windows)", generator=generator)
+            outer_guidance, self._guidance_scale = getattr(self, "_guidance_scale", None), guidance_scale  # this pass's
+            try:
+                latents, complete = self._sample(run, "edit", latents, first_step, timesteps, cond, scheduler,
+                                                 "editing branch (steps x windows)", generator=generator)
+            finally:
+                self._guidance_scale = outer_guidance
         if not complete:
             return None
         decoded = colors if fastblend is False else run.frames("edit/decoded", colors.shape, np.uint8)[0]
@@ -1267,8 +1397,8 @@ class DiffutoonPipeline(
                                                 desc="decoding the colour video")):
             decoded.write(i * decode_chunk_size, chunk)
         if fastblend is not False:
-            from fastblend import smooth_video
-
+            smooth_video = _import("fastblend", "The editing branch's deflickering (pass fastblend=False to skip it)"
+                                   ).smooth_video
             run.report(stage="fastblend", **{"pass": "edit"}, done=0, total=n)
             options = {**FASTBLEND_DEFAULTS, "device": self._execution_device, **(fastblend or {})}
             progress = not getattr(self, "_progress_bar_config", {}).get("disable", False)
@@ -1292,22 +1422,25 @@ def _video_latents(latents) -> torch.Tensor:
     return torch.from_numpy(_frames_array(latents)).transpose(0, 1)[None]
 
 
-def _state(scheduler, generator) -> dict:
-    """What a checkpoint keeps besides the latents: the scheduler's state and the generator's, for a resume that
-    continues exactly where the render stopped."""
-    from diffutoon.render_folder import scheduler_state
-
+def _state(scheduler, generator, guidance_scale=None, cond=None) -> dict:
+    """What a checkpoint keeps besides the latents, for a resume that continues exactly where the render stopped: the
+    scheduler's and the generator's states, and what a step-end callback may have changed (guidance, embeddings)."""
     return {"scheduler": scheduler_state(scheduler) if scheduler is not None else None,
-            "generator": generator.get_state() if isinstance(generator, torch.Generator) else None}
+            "generator": generator.get_state() if isinstance(generator, torch.Generator) else None,
+            "guidance_scale": guidance_scale,
+            "embeds": None if cond is None else (cond.prompt_embeds, cond.negative_prompt_embeds)}
 
 
-def _restore(scheduler, generator, state: dict | None):
+def _restore(scheduler, generator, state: dict | None, pipe=None, cond=None):
     if not state:
         return
     if scheduler is not None and state.get("scheduler") is not None:
         vars(scheduler).update(state["scheduler"])
     if isinstance(generator, torch.Generator) and state.get("generator") is not None:
         generator.set_state(state["generator"])
+    if cond is not None and state.get("embeds") is not None:
+        cond.prompt_embeds, cond.negative_prompt_embeds = state["embeds"]
+        pipe._guidance_scale = state["guidance_scale"]
 
 
 def _identity_value(value):

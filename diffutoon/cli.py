@@ -13,7 +13,9 @@ and exit with status 2; `--debug` shows the traceback instead.
 """
 
 import argparse
+import contextlib
 import inspect
+import os
 import re
 import sys
 import tempfile
@@ -232,6 +234,10 @@ def _output_path(args, default_name):
     if out.suffix and out.suffix.lower() not in vio.VIDEO_SUFFIXES:
         raise CLIError(f"cannot write {out}: use a video file ({', '.join(vio.VIDEO_SUFFIXES)}) or a folder path "
                        "without a suffix for PNG frames")
+    for option, source in (("the input", getattr(args, "input", None)), ("--guide", getattr(args, "guide", None))):
+        # the same file, also through a symlink or a hard link: --overwrite would replace the source with the result
+        if source is not None and out.exists() and Path(source).exists() and os.path.samefile(out, source):
+            raise CLIError(f"the output {out} is {option} ({source}): write the result to another path")
     return vio.check_output(out, args.overwrite)
 
 
@@ -252,6 +258,28 @@ def _check_sizes(args, reader):
         raise CLIError(f"--context-stride ({args.context_stride}) must be smaller than --context-length "
                        f"({args.context_length}): the sliding windows must overlap")
     return vio.target_size(reader.height, reader.width, args.height, args.width, args.resize, args.short_side)
+
+
+def _check_model_limits(args):
+    """--context-length against the motion modules' positions and --clip-skip against the text encoder's layers, read
+    from the models' config files: wrong values fail here, not after minutes of loading."""
+    from diffusers import MotionAdapter
+    from transformers import AutoConfig
+
+    try:
+        limit = MotionAdapter.load_config(args.motion_adapter).get("motion_max_seq_length", 32)
+    except Exception:  # unreadable here: loading reports it with the model's name
+        limit = None
+    if limit is not None and args.context_length > limit:
+        raise CLIError(f"--context-length {args.context_length} exceeds the motion modules' limit of {limit} frames "
+                       f"({args.motion_adapter}): use --context-length {limit} or less")
+    try:
+        layers = AutoConfig.from_pretrained(args.base, subfolder="text_encoder").num_hidden_layers
+    except Exception:  # a single-file checkpoint: the pipeline checks clip_skip before any model runs
+        layers = None
+    if layers is not None and args.clip_skip >= layers:
+        raise CLIError(f"--clip-skip {args.clip_skip} is not below the text encoder's {layers} layers ({args.base}): "
+                       f"use --clip-skip {layers - 1} or less (1 is A1111's 'clip skip 2')")
 
 
 def _torch_setup(args):
@@ -429,7 +457,8 @@ def _load_pipeline(args, device, dtype):
                                                     torch_dtype=dtype, **kw)
         for source, token in embeddings:
             repo, weight_name = _hub_file(source)
-            pipe.load_textual_inversion(repo, token=token, **({"weight_name": weight_name} if weight_name else {}))
+            with _naming("--textual-inversion", source, "a textual inversion"):
+                pipe.load_textual_inversion(repo, token=token, **({"weight_name": weight_name} if weight_name else {}))
         _load_loras(pipe, args.lora)
         pipe.enable_memory_efficient_attention()  # exact; what lets 1536x1536 frames fit (paper 3.3)
         from controlnet_aux import LineartDetector
@@ -453,8 +482,21 @@ def _load_loras(pipe, loras):
         scales.append(float(scale))  # checked in _model_sources
         repo, weight_name = _hub_file(source)
         names.append(f"lora{i}")
-        pipe.load_lora_weights(repo, adapter_name=names[-1], **({"weight_name": weight_name} if weight_name else {}))
+        with _naming("--lora", source, "a LoRA"):
+            pipe.load_lora_weights(repo, adapter_name=names[-1], **({"weight_name": weight_name} if weight_name else {}))
     pipe.set_adapters(names, adapter_weights=scales)
+
+
+@contextlib.contextmanager
+def _naming(option, source, what):
+    """A file the user named that fails to load: say which option and file, not only the library's error."""
+    try:
+        yield
+    except Exception as e:
+        if _uncached([(option, source)]):
+            raise  # not downloaded: _load_error says how to fetch it
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CLIError(f"{option} {source}: could not load it as {what} ({type(e).__name__}: {first})") from e
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -467,6 +509,7 @@ def cmd_render(args):
         if "edit_prompt" not in params:
             raise CLIError("--edit-prompt needs the editing branch, which this version of the pipeline lacks")
     _check_sources(_model_sources(args)[0])
+    _check_model_limits(args)
     device, dtype = _torch_setup(args)
     if not args.quiet:
         print(f"loading models on {device} ({str(dtype).replace('torch.', '')})...", file=sys.stderr)
@@ -480,6 +523,8 @@ def cmd_deflicker(args):
     out = _output_path(args, f"{args.input.stem}-deflickered.mp4")
     guide, guide_indices = (style, indices)
     if args.guide is not None:
+        if not args.guide.exists():
+            raise CLIError(f"guide video not found: {args.guide} (--guide)")
         guide = vio.VideoReader(args.guide)
         guide_indices = [i for i in indices if i < guide.num_frames]
         if len(guide_indices) != len(indices):
@@ -532,6 +577,34 @@ def _one_line(e):
     return f"{kind.__name__ if kind.__module__ == 'builtins' else kind.__module__ + '.' + kind.__qualname__}: {text}"
 
 
+@contextlib.contextmanager
+def _quiet_libraries(quiet):
+    """-q: no loading bars or warnings from diffusers, transformers and huggingface_hub (the embedding-resize warning
+    of a textual inversion included); restored afterwards, for callers of main() in the same process."""
+    if not quiet:
+        yield
+        return
+    import diffusers.utils.logging as diffusers_logging
+    import huggingface_hub.utils as hub_utils
+    import transformers.utils.logging as transformers_logging
+
+    saved = [(lib, lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
+    hub_bars = not hub_utils.are_progress_bars_disabled()
+    for lib, _, _ in saved:
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+    hub_utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        for lib, verbosity, bars in saved:
+            lib.set_verbosity(verbosity)
+            if bars:
+                lib.enable_progress_bar()
+        if hub_bars:
+            hub_utils.enable_progress_bars()
+
+
 def main(argv=None):
     """Run the `diffutoon` command; returns the exit status (0 ok, 2 error, 130 interrupted)."""
     try:
@@ -544,7 +617,8 @@ def main(argv=None):
 
         logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # per-retry network warnings
     try:
-        return args.func(args) or 0
+        with _quiet_libraries(args.quiet):
+            return args.func(args) or 0
     except KeyboardInterrupt:
         print("diffutoon: interrupted; nothing was written to the output path", file=sys.stderr)
         return 130

@@ -19,6 +19,7 @@ complete, so a crash never leaves a truncated file where a video is expected.
 """
 
 import contextlib
+import functools
 import math
 import os
 import re
@@ -123,6 +124,8 @@ class VideoReader:
                 self.fps = float(self._vr.get_avg_fps())
                 first = self._first_frame(decord)
         except Exception as e:  # decord raises RuntimeError / DECORDError with C++ context
+            if not re.search(r"Stream #.*: Video:", info := _ffmpeg_info(self.path)) and "Audio:" in info:
+                raise VideoError(f"{self.path} has no video stream (audio only): pass a video file") from e
             raise VideoError(f"cannot read {self.path} as a video (truncated, corrupt or not a video file)") from e
         if not self.num_frames or first is None or not (self.fps > 0 and math.isfinite(self.fps)):
             raise VideoError(f"{self.path} has no decodable video frames")
@@ -328,7 +331,8 @@ def _iter_frames(frames):
 
 
 def check_output(path, overwrite=False):
-    """Fail early (before any expensive work) if `path` exists and overwrite is off; create its folder.
+    """Fail early (before any expensive work) if `path` exists and overwrite is off. Creates nothing: the writers
+    make the missing parent folders when they write (and remove them again if the write fails).
 
     >>> check_output("/tmp/new-video.mp4", overwrite=True)
     PosixPath('/tmp/new-video.mp4')
@@ -339,14 +343,30 @@ def check_output(path, overwrite=False):
     if path.exists() and path.is_dir() != (path.suffix.lower() not in VIDEO_SUFFIXES):
         raise FileExistsError(f"{path} exists and is a {'folder' if path.is_dir() else 'file'}; "
                               "choose another output path")
-    path.parent.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _makes_parents(write):
+    # the output's missing parent folders are made only when writing, and removed again if the write fails
+    @functools.wraps(write)
+    def wrapper(path, *args, **kwargs):
+        missing = [folder for folder in Path(path).absolute().parents if not folder.exists()]  # deepest first
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            return write(path, *args, **kwargs)
+        except BaseException:
+            for folder in missing:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            raise
+    return wrapper
 
 
 def _partial_name(path):
     return path.with_name(f".{path.name}.partial-{os.getpid()}")
 
 
+@_makes_parents
 def write_video(path, frames, fps, audio_from=None, audio_span=None, overwrite=False, crf=18, preset="medium",
                 progress=True, total=None):
     """Encode frames to an H.264 (yuv420p) mp4 at `fps`, with the audio of `audio_from` between
@@ -417,6 +437,7 @@ def _chain(first, rest):
     yield from rest
 
 
+@_makes_parents
 def write_frames_folder(path, frames, overwrite=False, progress=True, total=None):
     """Write frames as a folder of PNGs (00000.png, 00001.png, ...), atomically: built under a temporary
     name beside it, then renamed; an existing folder is replaced only with overwrite. Returns the path.

@@ -39,3 +39,17 @@ def make_video(num_frames: int, size: int = 32, seed: int = 0) -> np.ndarray:
 @pytest.fixture
 def video():
     return make_video(10)
+
+
+def save_sd15_folder(folder, parts):
+    """An SD1.5 checkpoint folder laid out as on the Hub (2D UNet, PNDMScheduler) at folder/sd15, with the motion
+    adapter (folder/adapter) and the ControlNets (folder/cn0, folder/cn1) beside it; returns folder/sd15."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    StableDiffusionPipeline(vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
+                            unet=parts["unet"], scheduler=PNDMScheduler(), safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(folder / "sd15")
+    parts["motion_adapter"].save_pretrained(folder / "adapter")
+    for i, net in enumerate(parts["controlnet"]):
+        net.save_pretrained(folder / f"cn{i}")
+    return folder / "sd15"

@@ -328,3 +328,96 @@ def test_deflicker_smooths_flicker_and_keeps_timing_and_audio(source, tmp_path, 
     after = vio.read_frames(vio.VideoReader(out), range(5), progress=False)
     # the brightness swing between frames shrinks by more than half
     assert np.ptp(after.reshape(5, -1).mean(1)) < 0.5 * np.ptp(before.reshape(5, -1).mean(1))
+
+
+# ------------------------------------------------------------------------------------------------ issue 9, section 4
+def no_model_loads(monkeypatch):
+    monkeypatch.setattr(cli, "_load_pipeline", lambda *a: pytest.fail("models loaded"))
+
+
+def local_argv(models, source, out, *extra):
+    m = models
+    return ["render", str(source), "-o", str(out), "--base", str(m / "base"), "--motion-adapter", str(m / "motion"),
+            "--lineart-controlnet", str(m / "lineart"), "--tile-controlnet", str(m / "tile"),
+            "--annotators", str(m / "annotators"), "--textual-inversion", str(m / "verybadimagenegative_v1.3.pt"),
+            "--max-frames", "2", "--height", "16", "--width", "16", "--steps", "1", "--context-length", "4",
+            "--context-stride", "2", "--device", "cpu", *extra]
+
+
+def test_output_that_is_the_input_is_refused_through_links_too(source, tmp_path, capfd, monkeypatch):
+    no_model_loads(monkeypatch)
+    same = tmp_path / "same.mp4"
+    same.write_bytes(source.read_bytes())
+    (tmp_path / "symlink.mp4").symlink_to(same)
+    os.link(same, tmp_path / "hardlink.mp4")
+    for out in ("same.mp4", "symlink.mp4", "hardlink.mp4"):
+        assert cli.main(["render", str(same), "-o", str(tmp_path / out), "--overwrite"]) == 2
+        assert_one_line_error(capfd.readouterr().err, f"the output {tmp_path / out} is the input ({same})",
+                              "write the result to another path")
+    guide = tmp_path / "guide.mp4"
+    guide.write_bytes(source.read_bytes())
+    assert cli.main(["deflicker", str(same), "--guide", str(guide), "-o", str(guide), "--overwrite"]) == 2
+    assert_one_line_error(capfd.readouterr().err, f"is --guide ({guide})")
+    assert same.read_bytes() == guide.read_bytes() == source.read_bytes()  # nothing was replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["guide.mp4", "hardlink.mp4", "same.mp4", "symlink.mp4"]
+
+
+@pytest.mark.parametrize("option, needle", [
+    (["--context-length", "40", "--context-stride", "8"], "--context-length 40 exceeds the motion modules' limit of 32"),
+    (["--clip-skip", "3"], "--clip-skip 3 is not below the text encoder's 3 layers"),
+])
+def test_model_limits_are_checked_before_loading(source, tmp_path, capfd, monkeypatch, local_models, option, needle):
+    no_model_loads(monkeypatch)
+    assert cli.main(local_argv(local_models, source, tmp_path / "o.mp4", *option)) == 2
+    assert_one_line_error(capfd.readouterr().err, needle)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_quiet_means_quiet(source, tmp_path, capfd, monkeypatch, local_models):
+    """-q silences diffusers' and transformers' loading bars and warnings (the embedding resize of a textual inversion
+    included), and puts their settings back for the rest of the process."""
+    import diffusers.utils.logging as diffusers_logging
+
+    monkeypatch.setattr(cli, "_render", lambda *a, **k: None)  # loading is what is noisy
+    argv = local_argv(local_models, source, tmp_path / "o.mp4")  # with an A1111 embedding: the text encoder grows
+    before = diffusers_logging.get_verbosity(), diffusers_logging.is_progress_bar_enabled()
+    assert cli.main(argv) == 0
+    loud = capfd.readouterr().err
+    assert "Loading pipeline components" in loud  # what -q must silence is there without it
+    assert cli.main(argv + ["-q"]) == 0
+    assert capfd.readouterr() == ("", "")
+    assert (diffusers_logging.get_verbosity(), diffusers_logging.is_progress_bar_enabled()) == before
+
+
+def test_failed_render_leaves_no_output_folders(source, tmp_path, capfd, local_models):
+    (tmp_path / "not-a-model").mkdir()
+    out = tmp_path / "newdir" / "x" / "o.mp4"
+    argv = local_argv(local_models, source, out, "-q")
+    argv[argv.index("--base") + 1] = str(tmp_path / "not-a-model")
+    assert cli.main(argv) == 2
+    assert_one_line_error(capfd.readouterr().err, "could not load the models")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["not-a-model"]
+
+
+def test_corrupt_lora_names_the_option_and_the_file(source, tmp_path, capfd, local_models):
+    bad = tmp_path / "style.safetensors"
+    bad.write_bytes(b"\xff" * 64)  # a header length no file has
+    assert cli.main(local_argv(local_models, source, tmp_path / "o.mp4", "--lora", f"{bad}@0.7", "-q")) == 2
+    assert_one_line_error(capfd.readouterr().err, f"--lora {bad}: could not load it as a LoRA (SafetensorError")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["style.safetensors"]
+
+
+def test_missing_guide_is_named(source, tmp_path, capfd):
+    assert cli.main(["deflicker", str(source), "--guide", str(tmp_path / "missing.mp4"), "-o", str(tmp_path / "o.mp4")]) == 2
+    assert_one_line_error(capfd.readouterr().err, f"guide video not found: {tmp_path / 'missing.mp4'} (--guide)")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_audio_only_input_says_no_video_stream(tmp_path, capfd):
+    vio.sine_wav(tmp_path / "tone.wav", 0.5)
+    subprocess.run([vio.ffmpeg_exe(), "-loglevel", "error", "-i", str(tmp_path / "tone.wav"), "-c:a", "aac",
+                    str(tmp_path / "song.m4a")], check=True)
+    for name in ("tone.wav", "song.m4a"):
+        assert cli.main(["render", str(tmp_path / name), "-o", str(tmp_path / "o.mp4")]) == 2
+        assert_one_line_error(capfd.readouterr().err, f"{tmp_path / name} has no video stream (audio only)")
+    assert not (tmp_path / "o.mp4").exists()

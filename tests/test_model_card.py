@@ -3,15 +3,19 @@ folder that diffusers loads offline with `trust_remote_code=True` and that rende
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import textwrap
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from conftest import make_video
+from conftest import make_video, save_sd15_folder
 from huggingface_hub import ModelCard
 
-from model_card.assemble import CARD, assemble
+from model_card.assemble import BLOCK, CARD, assemble, hub_pipeline_code, main_pass_modules
 from pipeline_diffutoon import HUB_MODELS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,13 +64,18 @@ def test_assembled_folder_loads_offline_and_renders_identically(tmp_path):
     original = save_tiny_pipeline(tmp_path / "saved")
     out = assemble(tmp_path / "hub", tmp_path / "saved", base_model=["someone/anime-sd15"])
 
+    code, shipped = hub_pipeline_code(Path(ROOT) / "pipeline_diffutoon.py")  # the modules the import block names
+    assert "diffutoon_scheduling" in shipped
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [*(p.name for p in (tmp_path / "saved").iterdir()), "pipeline.py", "README.md"])
-    with open(os.path.join(ROOT, "pipeline_diffutoon.py"), "rb") as f:
-        assert (out / "pipeline.py").read_bytes() == f.read()
+        [*(p.name for p in (tmp_path / "saved").iterdir()), "pipeline.py", "README.md", *(f"{m}.py" for m in shipped)])
+    assert (out / "pipeline.py").read_text() == code
+    scheduling = (Path(ROOT) / "diffutoon" / "scheduling.py").read_bytes()
+    assert (out / "diffutoon_scheduling.py").read_bytes() == (out / "scheduler" / "diffutoon_scheduling.py").read_bytes() == scheduling
     index = json.loads((out / "model_index.json").read_text())
     saved = json.loads((tmp_path / "saved" / "model_index.json").read_text())
-    assert index == {**saved, "_class_name": ["pipeline", "DiffutoonPipeline"]}  # only the class entry changes
+    assert saved["scheduler"] == ["diffutoon.scheduling", "DiffutoonDDIMScheduler"]
+    assert index == {**saved, "_class_name": ["pipeline", "DiffutoonPipeline"],  # only these two entries change
+                     "scheduler": ["diffutoon_scheduling", "DiffutoonDDIMScheduler"]}
     card = ModelCard.load(out / "README.md").data.to_dict()
     assert card["base_model"][0] == "someone/anime-sd15" and len(card["base_model"]) == 4
 
@@ -105,7 +114,9 @@ def test_assemble_refuses_to_overwrite_unless_asked(tmp_path):
     assert [p.name for p in out.iterdir()] == ["keep.txt"]  # untouched
 
     assemble(out, source, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "model_index.json", "pipeline.py", "scheduler"]
+    shipped = [f"{m}.py" for m in hub_pipeline_code(Path(ROOT) / "pipeline_diffutoon.py")[1]]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["README.md", "model_index.json", "pipeline.py", "scheduler",
+                                                            *shipped])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hub", "saved"]  # no temporary folders left behind
 
 
@@ -135,3 +146,118 @@ def test_cli(tmp_path):
     again = run(str(source), str(tmp_path / "hub"))
     assert again.returncode == 1 and "--overwrite" in again.stderr
     assert run(str(source), str(tmp_path / "hub"), "--overwrite").returncode == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Users who have only diffusers (issue 9, section 2)
+
+ONLY_DIFFUSERS = textwrap.dedent("""
+    import importlib.abc, json, sys
+    REFUSED = {"diffutoon", "attention_processors", "fastblend", "pipeline_diffutoon"}
+
+    class Refuse(importlib.abc.MetaPathFinder):  # this project is not installed, whatever sys.path says
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in REFUSED:
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+    sys.meta_path.insert(0, Refuse())
+    import numpy as np, torch
+    from diffusers import ControlNetModel, DiffusionPipeline, MotionAdapter
+    from diffusers.utils import logging
+    logging.set_verbosity_warning()
+    torch.set_num_threads(1)
+    hub, sd15, pipeline_file, out = sys.argv[1:5]
+    args = json.loads(sys.argv[5])
+    video, lineart = np.load(args.pop("video")), np.load(args.pop("lineart"))
+
+    def render(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(video=video, conditioning_frames=[lineart, None], generator=torch.Generator().manual_seed(0),
+                    **args).frames.numpy()
+
+    pipe = DiffusionPipeline.from_pretrained(hub, trust_remote_code=True)
+    assert type(pipe.scheduler).__name__ == "DiffutoonDDIMScheduler", type(pipe.scheduler)
+    assembled = render(pipe)
+    # README's recipe with the checkout's file: an SD1.5 folder + motion adapter + ControlNets
+    pipe = DiffusionPipeline.from_pretrained(
+        sd15, motion_adapter=MotionAdapter.from_pretrained(f"{sd15}/../adapter"),
+        controlnet=[ControlNetModel.from_pretrained(f"{sd15}/../cn{i}") for i in range(2)],
+        custom_pipeline=pipeline_file, trust_remote_code=True)
+    checkout = render(pipe)
+    try:
+        pipe.make_color_video(video, "an edit")
+    except ImportError as error:
+        print("EDIT:", error)
+    np.savez(out, assembled=assembled, checkout=checkout)
+    print("IMPORTED:", sorted({m.split(".")[0] for m in sys.modules} & (REFUSED | {"controlnet_aux", "decord"})))
+""")
+
+
+def test_hub_folder_and_checkout_file_work_with_only_diffusers(tmp_path):
+    """In a process where this project cannot be imported, the assembled folder and `custom_pipeline=<the checkout's
+    pipeline_diffutoon.py>` both load and render the main pass, bit for bit as the installed package does."""
+    from diffutoon.tiny import build_tiny_pipeline, tiny_components
+
+    original = build_tiny_pipeline(seed=0)
+    hub = assemble(tmp_path / "hub", original)
+    sd15 = save_sd15_folder(tmp_path, tiny_components(seed=0))
+    np.save(tmp_path / "video.npy", make_video(3, 32))
+    np.save(tmp_path / "lineart.npy", make_video(3, 32, seed=3))
+    args = dict(prompt="a girl dancing", negative_prompt="bad", num_inference_steps=2, context_length=2,
+                context_stride=1, output_type="latent")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))  # a fresh dynamic-module cache
+    done = subprocess.run([sys.executable, "-c", ONLY_DIFFUSERS, str(hub), str(sd15),
+                           os.path.join(ROOT, "pipeline_diffutoon.py"), str(tmp_path / "out.npz"),
+                           json.dumps({**args, "video": str(tmp_path / "video.npy"),
+                                       "lineart": str(tmp_path / "lineart.npy")})],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "pip install" not in done.stderr, done.stderr  # diffusers' check_imports found nothing to complain about
+    assert "IMPORTED: []" in done.stdout  # nor did the main pass import the project, the annotators or decord
+    edit = next(line for line in done.stdout.splitlines() if line.startswith("EDIT:"))
+    assert "The editing branch needs `attention_processors`, which is not installed: run `pip install -e .`" in edit
+    frames = np.load(tmp_path / "out.npz")
+    video, lineart = np.load(tmp_path / "video.npy"), np.load(tmp_path / "lineart.npy")
+    original.set_progress_bar_config(disable=True)
+    expected = original(video=video, conditioning_frames=[lineart, None], generator=torch.Generator().manual_seed(0),
+                        **args).frames.numpy()
+    np.testing.assert_array_equal(frames["assembled"], expected)
+    np.testing.assert_array_equal(frames["checkout"], expected)  # same seed-0 weights, the reference scheduler
+
+
+def test_assemble_ships_exactly_the_modules_the_import_block_names(tmp_path):
+    """Generic over the block: a module added to it ships too; a missing one, branches naming different objects, or a
+    module importing what a diffusers-only user lacks fail before anything is written."""
+    code = (Path(ROOT) / "pipeline_diffutoon.py").read_text()
+    assert main_pass_modules(code)[0]["diffutoon.scheduling"] == ["DiffutoonDDIMScheduler", "ddim_step",
+                                                                  "diffutoon_timesteps"]
+    # a checkout whose block also names one more module
+    shutil.copytree(Path(ROOT) / "diffutoon", tmp_path / "diffutoon", ignore=shutil.ignore_patterns("__pycache__"))
+    extra = tmp_path / "diffutoon" / "extra_example.py"
+    pipeline_file = tmp_path / "pipeline_diffutoon.py"
+    installed = "    DiffutoonDDIMScheduler, ddim_step, diffutoon_timesteps = _import_names("
+    relative = "    from .diffutoon.scheduling"
+    two = code.replace(installed, '    (Extra,) = _import_names("diffutoon.extra_example", "Extra")\n' + installed).replace(
+        relative, "    from .diffutoon.extra_example import Extra  # noqa: F401\n" + relative)
+    pipeline_file.write_text(two)
+    extra.write_text("import numpy as np\nimport torch\n\n\nclass Extra:\n    def f(self):\n        import cv2  # lazily\n")
+    hub_code, files = hub_pipeline_code(pipeline_file)
+    assert files["diffutoon_extra_example"] == extra
+    assert files["diffutoon_scheduling"] == tmp_path / "diffutoon" / "scheduling.py"
+    block = hub_code.split(BLOCK[0])[1].split(BLOCK[1])[0]
+    assert "from .diffutoon_extra_example import Extra  # noqa: F401" in block and "_import_names" not in block
+
+    for text, message in {"import cv2\n": "imports cv2",  # at import time: not a diffusers dependency
+                          "from diffutoon import video\n": "imports diffutoon",  # another project module
+                          "from .scheduling import x\n": "imports relatively"}.items():
+        extra.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            assemble(tmp_path / "hub", tmp_path / "nowhere", pipeline_file=pipeline_file)
+    extra.unlink()
+    with pytest.raises(FileNotFoundError, match="names diffutoon.extra_example"):
+        assemble(tmp_path / "hub", tmp_path / "nowhere", pipeline_file=pipeline_file)
+    pipeline_file.write_text(two.replace("from .diffutoon.extra_example import Extra", "from .diffutoon.extra_example import Other"))
+    with pytest.raises(ValueError, match="same modules and objects in both branches"):
+        assemble(tmp_path / "hub", tmp_path / "nowhere", pipeline_file=pipeline_file)
+    assert not (tmp_path / "hub").exists()

@@ -1,5 +1,6 @@
 """The main toon-shading pass (issue 2): the paper's equations, the denoiser, loading, placement, bad input."""
 
+import functools
 import math
 import os
 
@@ -7,7 +8,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import make_video
+from conftest import make_video, save_sd15_folder
 
 from diffutoon.scheduling import DiffutoonDDIMScheduler, diffutoon_timesteps
 from diffutoon.tiny import build_tiny_pipeline, tiny_components, tiny_lineart_detector
@@ -34,7 +35,7 @@ def assert_close_rel(actual, expected, tol=1e-5):
 
 def run(pipe, video, **kwargs):
     """A quick render with user-given conditions (no annotator) and fixed noise."""
-    n = video.shape[0]
+    n = len(video)
     args = dict(video=video, prompt="a girl dancing", negative_prompt="bad", num_inference_steps=2,
                 conditioning_frames=[make_video(n, SIZE, seed=3), None], context_length=4, context_stride=2,
                 generator=torch.Generator().manual_seed(0), output_type="latent")
@@ -436,6 +437,92 @@ def test_loading_from_a_base_folder_with_adapter_and_controlnets(tmp_path, video
     torch.testing.assert_close(run(pipe, video[:4]), run(reference, video[:4]), rtol=0, atol=0)
 
 
+def test_the_reference_sampler_on_every_loading_path_unless_chosen(tmp_path, video):
+    """Issue 9.1: a checkpoint's own scheduler (SD1.5: PNDM) is not used; a scheduler passed or assigned is."""
+    from diffusers import ControlNetModel, DiffusionPipeline, EulerDiscreteScheduler, MotionAdapter, PNDMScheduler
+
+    sd15 = save_sd15_folder(tmp_path, tiny_components(seed=2))
+    parts = dict(motion_adapter=MotionAdapter.from_pretrained(tmp_path / "adapter"),
+                 controlnet=[ControlNetModel.from_pretrained(tmp_path / f"cn{i}") for i in range(2)])
+    custom = dict(custom_pipeline=os.path.join(ROOT, "pipeline_diffutoon.py"), trust_remote_code=True)
+
+    def timesteps_run(pipe):
+        seen = []
+        pipe.set_progress_bar_config(disable=True)
+        run(pipe, video[:2], num_inference_steps=4, callback_on_step_end=lambda p, i, t, d: seen.append(int(t)) or {})
+        return seen
+
+    reference = [999, 666, 333, 0]
+    assert diffutoon_timesteps(4) == reference
+    assert timesteps_run(DiffusionPipeline.from_pretrained(sd15, **custom, **parts)) == reference  # README's recipe
+    direct = DiffutoonPipeline.from_pretrained(sd15, **parts)
+    assert timesteps_run(direct) == reference
+    assert type(DiffutoonPipeline(**tiny_components(seed=2)).scheduler).__name__ == "DiffutoonDDIMScheduler"
+
+    # chosen on purpose: passed at load time (either way), assigned later, or saved with a Diffutoon pipeline
+    pndm = PNDMScheduler.from_pretrained(sd15, subfolder="scheduler")
+    pndm.set_timesteps(4)
+    pndm_timesteps = pndm.timesteps.tolist()
+    assert pndm_timesteps != reference
+    passed = DiffusionPipeline.from_pretrained(sd15, scheduler=PNDMScheduler.from_pretrained(sd15, subfolder="scheduler"),
+                                               **custom, **parts)
+    assert timesteps_run(passed) == pndm_timesteps
+    euler = DiffutoonPipeline.from_pretrained(sd15, scheduler=EulerDiscreteScheduler(), **parts)
+    assert type(euler.scheduler) is EulerDiscreteScheduler
+    direct.scheduler = PNDMScheduler.from_pretrained(sd15, subfolder="scheduler")
+    assert timesteps_run(direct) == pndm_timesteps
+    direct.save_pretrained(tmp_path / "saved")
+    assert type(DiffutoonPipeline.from_pretrained(tmp_path / "saved").scheduler) is PNDMScheduler
+
+
+def test_diffusers_callback_conventions_cfg_cutoff(tiny_pipe, video):
+    """Issue 9.3: diffusers' `SDCFGCutoffCallback` (a `PipelineCallback`, passed alone) drops the negative branch after
+    its step; the pipeline has diffusers' call-state properties."""
+    from diffusers.callbacks import MultiPipelineCallbacks, SDCFGCutoffCallback
+
+    batches = []
+    hook = tiny_pipe.unet.register_forward_pre_hook(lambda m, a: batches.append(a[0].shape[0]))
+    run = functools.partial(globals()["run"], reuse_across_windows=False)  # one UNet call per window and step
+    try:
+        plain = run(tiny_pipe, video[:3], num_inference_steps=3)  # 3 frames: one window per step
+        assert batches == [2, 2, 2] and tiny_pipe.guidance_scale == 7.0 and tiny_pipe.do_classifier_free_guidance
+        batches.clear()
+        cutoff = SDCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=0)
+        cut = run(tiny_pipe, video[:3], num_inference_steps=3, callback_on_step_end=cutoff)
+        assert batches == [2, 1, 1]  # both branches at step 0, the positive one alone after the cut-off
+        assert tiny_pipe.guidance_scale == 0.0 and not tiny_pipe.do_classifier_free_guidance
+        assert tiny_pipe.num_timesteps == 3 and not tiny_pipe.interrupt
+        assert (cut - plain).abs().max() > 1e-3
+        cutoff = SDCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=0)
+        reused = globals()["run"](tiny_pipe, video[:3], num_inference_steps=3, callback_on_step_end=cutoff)
+        assert_close_rel(reused, cut)  # reuse across windows follows the branches each step has
+        batches.clear()
+        multi = MultiPipelineCallbacks([SDCFGCutoffCallback(cutoff_step_ratio=0.5)])  # int(3 x 0.5) = step 1
+        run(tiny_pipe, video[:3], num_inference_steps=3, callback_on_step_end=multi)
+        assert batches == [2, 2, 1]
+    finally:
+        hook.remove()
+
+    def raise_guidance(pipe, i, t, tensors):  # diffusers' PipelineTesterMixin.test_callback_cfg
+        pipe._guidance_scale += 1.0
+        return tensors
+
+    raised = run(tiny_pipe, video[:3], num_inference_steps=3, callback_on_step_end=raise_guidance)
+    assert tiny_pipe.guidance_scale == 7.0 + tiny_pipe.num_timesteps
+    assert (raised - plain).abs().max() > 1e-3  # the raised guidance was used from step 1 on
+
+
+def test_frames_in_every_documented_layout_are_the_same_video(tiny_pipe):
+    """A list of (3, H, W) uint8 tensors (the docstring's tensor layout, one frame each) is the video, not a
+    mis-permuted one; so are lists of (H, W, 3) arrays, channels-first arrays, floats in [0, 1], other integer types."""
+    frames = make_video(3, SIZE)
+    expected = run(tiny_pipe, frames, num_inference_steps=1)
+    chw = [torch.from_numpy(f).permute(2, 0, 1) for f in frames]
+    for video in (chw, list(frames), torch.stack(chw).float() / 255, frames.astype(np.int64), [f / 255 for f in chw],
+                  frames.transpose(0, 3, 1, 2)):
+        torch.testing.assert_close(run(tiny_pipe, video, num_inference_steps=1), expected, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Bad input: a ValueError naming the fix, before any model runs
 
@@ -459,6 +546,16 @@ BAD_INPUTS = [
     (dict(controlnet_conditioning_scale=[0.5]), "per ControlNet|ControlNets"),
     (dict(output_type="gif"), "output_type"),
     (dict(motion_groupnorm="batch"), "motion_groupnorm"),
+    # issue 9.4
+    (dict(video=make_video(5, 32).astype(np.float32)), r"floats in \[0, 255\].*pass uint8 frames, or divide by 255"),
+    (dict(video=np.full((5, 32, 32, 3), np.nan, np.float32)), "NaN"),
+    (dict(conditioning_frames=[make_video(5, 32) * 1.0, None]), "`conditioning_frames` for 'lineart' holds floats"),
+    (dict(guidance_scale=-1.0), "guidance_scale must be >= 0"),
+    (dict(clip_skip=3), r"clip_skip must be in \[0, 2\] \(the text encoder has 3 layers"),
+    (dict(decode_chunk_size=0), "decode_chunk_size must be >= 1"),
+    (dict(video=make_video(5, 32)[..., 0]), r"shape \(5, 32, 32\), which looks like grayscale frames"),
+    (dict(video=[make_video(1, 32)[0], make_video(1, 40)[0]]), r"same size, got frames of shapes \[\(32, 32, 3\), \(40, 40, 3\)\]"),
+    (dict(color_video=make_video(5, 32) * 2.0), "color_video` holds floats"),
 ]
 
 

@@ -198,3 +198,14 @@ def test_locks_full_disks_and_bad_folders(pipe, reference, tmp_path, monkeypatch
         pipe(**job(), render_dir=folder)
     monkeypatch.undo()
     assert np.array_equal(pipe(**job(), render_dir=folder).frames[0], reference["main"])
+
+
+def test_a_resume_keeps_what_step_end_callbacks_changed(pipe, tmp_path):
+    """diffusers' SDCFGCutoffCallback drops the negative branch at step 0; a render resumed at step 2 must too."""
+    from diffusers.callbacks import SDCFGCutoffCallback
+
+    cutoff = lambda: SDCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=0)  # noqa: E731
+    expected = pipe(**job(callback_on_step_end=cutoff())).frames[0]
+    interrupted_render(pipe, tmp_path / "r", at_step=2, callback_on_step_end=cutoff())
+    resumed = pipe(**job(callback_on_step_end=cutoff()), render_dir=tmp_path / "r")
+    assert np.array_equal(resumed.frames[0], expected)
