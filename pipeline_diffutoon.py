@@ -1233,7 +1233,7 @@ class DiffutoonPipeline(
             frames = self.decode_latents(latents, decode_chunk_size, output_type, report=run.report)
             return [frames] if output_type == "pil" else frames[None]
         vio = _import("diffutoon.video", "Writing output_path")
-        clip = source.clip if hasattr(source.clip, "audio_span") else None
+        clip = source.clip if getattr(source.clip, "audio", False) else None  # a video file's audio goes along
         chunks = self._decoded(latents, decode_chunk_size, "uint8", report=run.report)
         vio.write_output(output_path, chunks, fps, audio_from=getattr(clip, "path", None),
                          audio_span=clip.audio_span() if clip is not None else None, overwrite=True,

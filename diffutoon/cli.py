@@ -113,6 +113,13 @@ def _span():
     g.add_argument("--fps", type=_number(float, 0, lo_open=True),
                    help="output frame rate (default: the source's fps / --every-nth, which keeps the timing)")
     g.add_argument("--no-audio", action="store_true", help="do not copy the source's audio")
+    g = span.add_argument_group("long renders (a crash, Ctrl-C or a lost machine loses nothing: run the same command "
+                                "again to resume)")
+    g.add_argument("--work-dir", type=Path, help="the render folder: condition frames, a checkpoint after every step "
+                   "and progress.json, so host memory stays flat in the length (default: <output>.parts)")
+    g.add_argument("--fresh", action="store_true", help="start over, discarding what --work-dir holds")
+    g.add_argument("--keep-work-dir", action="store_true", help="keep the render folder after the output is written")
+    g.add_argument("--in-memory", action="store_true", help="no render folder: everything in host memory, no resume")
     return span
 
 
@@ -304,36 +311,58 @@ def _import_pipeline():
     return pipeline_diffutoon
 
 
-def _run_pipeline(args, pipe, frames, detector, edit_extra=None):
-    """Map the options onto the pipeline's arguments and return uint8 frames."""
+def _run_pipeline(args, pipe, clip, detector, edit_extra=None, **extra):
+    """Map the options onto the pipeline's arguments and call it on `clip` (a `vio.VideoClip`, or uint8 frames);
+    `extra` adds pipeline arguments (the render folder, the output path)."""
     import torch
 
-    kwargs = dict(video=frames, prompt=args.prompt, negative_prompt=args.negative_prompt,
-                  height=frames.shape[1], width=frames.shape[2], num_inference_steps=args.steps,
+    kwargs = dict(video=clip, prompt=args.prompt, negative_prompt=args.negative_prompt,
+                  height=clip.shape[1], width=clip.shape[2], num_inference_steps=args.steps,
                   guidance_scale=args.guidance_scale, context_length=args.context_length,
                   context_stride=args.context_stride,
                   controlnet_conditioning_scale=[args.lineart_scale, args.tile_scale],
                   clip_skip=args.clip_skip, strength=args.strength,
                   generator=torch.Generator("cpu").manual_seed(args.seed), output_type="pil",  # uint8 frames
-                  decode_chunk_size=args.decode_chunk_size, lineart_detector=detector)
+                  decode_chunk_size=args.decode_chunk_size, lineart_detector=detector, **extra)
     if args.edit_prompt:  # SPEC 2's editing branch, its own size / steps / strength
         kwargs["edit_prompt"] = args.edit_prompt
         kwargs["edit_kwargs"] = dict(height=args.edit_height, width=args.edit_width, num_inference_steps=args.edit_steps,
                                      strength=args.edit_strength, **(edit_extra or {}))
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=args.quiet)
-    result = pipe(**kwargs)
-    return vio.to_uint8(result.frames[0])
+    return pipe(**kwargs)
+
+
+def _work_dir(args, out):
+    """The render folder: --work-dir, or <output>.parts beside the output; None with --in-memory."""
+    if args.in_memory:
+        return None
+    return args.work_dir if args.work_dir is not None else out.with_name(out.name + ".parts")
 
 
 def _render(args, reader, indices, out, pipe, detector, edit_extra=None):
+    """Render the selected frames straight from the file into `out`, through the render folder (resumable)."""
     height, width = _check_sizes(args, reader)
-    frames = vio.read_frames(reader, indices, height, width, args.resize, progress=not args.quiet)
+    clip = vio.VideoClip(reader, indices, height, width, args.resize, audio=not args.no_audio)
+    fps = args.fps or clip.fps
+    work_dir = _work_dir(args, out)
     t = time.time()
-    styled = _run_pipeline(args, pipe, frames, detector, edit_extra)
+    try:
+        result = _run_pipeline(args, pipe, clip, detector, edit_extra, render_dir=work_dir, fresh=args.fresh,
+                               keep_render_dir=args.keep_work_dir, output_path=out, fps=fps)
+    except (KeyboardInterrupt, Exception) as error:
+        if work_dir is None or not (work_dir / "manifest.json").exists():
+            raise
+        kept = f"the render folder {work_dir} keeps the progress: run the same command again to resume"
+        if isinstance(error, KeyboardInterrupt):
+            raise KeyboardInterrupt(kept) from error
+        raise CLIError(f"{_one_line(error)}; {kept} (--fresh starts over)") from error
     if not args.quiet:
-        print(f"rendered {len(styled)} frames of {width}x{height} in {time.time() - t:.1f} s", file=sys.stderr)
-    _write(args, out, styled, reader, indices)
+        print(f"rendered {len(indices)} frames of {width}x{height} in {time.time() - t:.1f} s", file=sys.stderr)
+    what = f"{len(indices)} frames at {fps:g} fps ({len(indices) / fps:.2f} s)"
+    if out.suffix.lower() in vio.VIDEO_SUFFIXES:  # probe the result: the span may lie past the source's audio
+        what += ", with audio" if not args.no_audio and vio.probe(out)["has_audio"] else ", no audio"
+    print(f"wrote {result.path}: {what}")
 
 
 # ---------------------------------------------------------------------------------------------- model loading
@@ -619,8 +648,9 @@ def main(argv=None):
     try:
         with _quiet_libraries(args.quiet):
             return args.func(args) or 0
-    except KeyboardInterrupt:
-        print("diffutoon: interrupted; nothing was written to the output path", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        kept = f"; {e.args[0]}" if e.args else ""  # where the progress is, when a render folder holds it
+        print(f"diffutoon: interrupted; nothing was written to the output path{kept}", file=sys.stderr)
         return 130
     except Exception as e:
         if args.debug:

