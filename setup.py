@@ -31,6 +31,11 @@ setup(
         "pillow>=10",
         "tqdm>=4.66",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={
+        # the web app (`diffutoon ui`, app.py)
+        "ui": ["gradio>=6.0"],
+        # the suite, including the web app's tests and its real-browser test (Debian: apt install chromium chromium-driver)
+        "test": ["pytest>=8", "gradio>=6.0", "selenium>=4.11"],
+    },
     entry_points={"console_scripts": ["diffutoon=diffutoon.cli:main"]},
 )

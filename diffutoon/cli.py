@@ -185,7 +185,7 @@ def build_parser():
     # set_defaults would otherwise change another's defaults
     parser = _Parser(prog="diffutoon", description="Diffutoon: turn a video into anime (toon shading) with diffusion "
                      "models, keeping its frame rate, length and sound.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{render,deflicker,demo}",
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{render,deflicker,demo,ui}",
                                 parser_class=_Parser)
 
     p = sub.add_parser("render", parents=[_span(), _generation(), _models(), _common()],
@@ -219,6 +219,22 @@ def build_parser():
     # tiny models: small frames, few steps, and windows short enough that the clip spans several of them
     p.set_defaults(func=cmd_demo, height=64, width=64, steps=2, context_length=8, context_stride=4, dtype="float32",
                    edit_height=64, edit_width=64, edit_steps=2)
+
+    p = sub.add_parser("ui", parents=[_models(), _common()], help="start the web app (pip install 'diffutoon[ui]')",
+                       description="Serve the web app (Gradio): upload, settings, live progress, result with sound. "
+                       "With no model option the real models are used if cached, else tiny random demo models.")
+    g = p.add_argument_group("web app")
+    g.add_argument("--host", help="address to listen on (default 127.0.0.1, or $GRADIO_SERVER_NAME)")
+    g.add_argument("--port", type=_number(int, 1, 65535), help="default 7860, or $GRADIO_SERVER_PORT")
+    g.add_argument("--data-dir", type=Path, help="uploads, renders, results (default ~/.cache/diffutoon/ui)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, or cuda:0,cuda:1: one render at a time each")
+    g.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"), default="auto")
+    g.add_argument("--demo-models", action="store_true", help="the tiny random-weight models, whatever is cached")
+    g.add_argument("--max-upload-mb", type=_number(float, 0, lo_open=True), help="default 500")
+    g.add_argument("--max-seconds", type=_number(float, 0, lo_open=True), help="longest upload (default 600)")
+    g.add_argument("--max-frames", type=_number(int, 1), help="frames per render (default 600 GPU, 48 CPU, 120 demo)")
+    g.add_argument("--keep-days", type=_number(float, 0, lo_open=True), default=7.0, help="finished jobs (default 7)")
+    p.set_defaults(func=cmd_ui)
     return parser
 
 
@@ -595,6 +611,12 @@ def cmd_demo(args):
         _render(args, reader, indices, out, pipe, tiny.tiny_lineart_detector(), edit_extra)
     print(DEMO_FOOTER)
     return 0
+
+
+def cmd_ui(args):
+    from . import ui  # Gradio is an optional extra: imported only for this command
+
+    return ui.serve(args)
 
 
 # ---------------------------------------------------------------------------------------------- entry point

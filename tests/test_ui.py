@@ -1,0 +1,603 @@
+"""The web app's engine (`diffutoon.ui_jobs`) and page (`diffutoon.ui`) without a browser, with the tiny models:
+jobs end to end, the pipeline's own progress, the CLI's messages, limits, the queue, Cancel / Resume, a restart,
+LoRAs and textual inversions per render, and the long-render API of CONTRACT.md on a stand-in pipeline.
+
+Sizes: 8 frames of 32x32 at 8 fps (1 s, with sound), 2 steps, windows of 4 with stride 2 (3 windows a step).
+"""
+
+import argparse
+import ast
+import json
+import re
+import shutil
+import threading
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diffutoon import cli
+from diffutoon import ui_jobs as J
+from diffutoon import video as vio
+from test_cli import local_models  # noqa: F401 (fixture: tiny models saved as real ones are laid out)
+
+ROOT = Path(__file__).resolve().parents[1]
+FRAMES, SIZE, FPS = 8, 32, 8
+TIMEOUT = 120
+
+
+@pytest.fixture(scope="module")
+def models():
+    return J.load_models(argparse.Namespace(demo_models=True, device="cpu", dtype="auto"), log=lambda m: None)
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    return vio.make_demo_clip(tmp_path_factory.mktemp("clip") / "clip.mp4", FRAMES, SIZE, SIZE, FPS, overwrite=True)
+
+
+@pytest.fixture
+def manager(models, tmp_path):
+    m = J.JobManager(models, tmp_path / "data", log=lambda msg: None).start()
+    yield m
+    m.stop()
+
+
+def small(**kw):
+    return J.Settings(**{**dict(width=SIZE, height=SIZE, steps=2, context_length=4, context_stride=2, edit_size=SIZE,
+                                edit_steps=2, negative_prompt=""), **kw})
+
+
+def decode(path):
+    reader = vio.VideoReader(path)
+    return vio.read_frames(reader, range(reader.num_frames), progress=False)
+
+
+def record(manager):
+    """Every progress dict the manager announces, in order."""
+    events = []
+    manager.observers.append(lambda job: events.append(dict(job.progress)))
+    return events
+
+
+def first_occurrences(items):
+    seen = []
+    for item in items:
+        if item not in seen:
+            seen.append(item)
+    return seen
+
+
+def assert_in_order(seq, expected):
+    """`expected` appear in `seq` in this order (others may come between)."""
+    positions = [seq.index(x) for x in expected]
+    assert positions == sorted(positions), (seq, expected)
+
+
+def cli_message(capfd, argv, paths):
+    """The one line `diffutoon render` prints for argv, after "error: ", in the page's words."""
+    assert cli.main(argv) == 2
+    err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1, err
+    core = err[0].split(": error: ", 1)[1]
+    core = re.sub(r" \((see `diffutoon render --help`|rerun with --debug for details)\)$", "", core)
+    return J.page_message(core, paths)
+
+
+# ------------------------------------------------------------------------------------------------ a render
+def test_render_job_end_to_end_with_the_pipelines_own_progress(manager, clip, tmp_path):
+    events = record(manager)
+    token = manager.new_token()
+    job = manager.submit(token, clip, small())
+    assert manager.wait(job, TIMEOUT) == "done", job.message
+
+    # the stages in the pipeline's order, every window of every step reported, as the pipeline counts them (its bars
+    # today; its progress_callback once it has one: both conventions for a step's last window are accepted)
+    assert_in_order(first_occurrences(e["stage"] for e in events), ["conditions", "denoising", "decoding", "done"])
+    assert events[-1]["stage"] == "done"
+    windows = len(__import__("pipeline_diffutoon").sliding_windows(FRAMES, 4, 2))
+    assert windows == 3
+    denoising = [e for e in events if e["stage"] == "denoising"]
+    done = [e["done"] for e in denoising]
+    assert done == sorted(done) and set(range(1, 2 * windows + 1)) <= set(done)
+    assert all(e["total"] == 2 * windows and e["steps"] == 2 and e["windows"] == windows for e in denoising)
+    for e in denoising:
+        k = e["done"]
+        assert (e["step"], e["window"]) in ((k // windows, k % windows), ((k - 1) // windows, (k - 1) % windows + 1))
+    conditions = [e["done"] for e in events if e["stage"] == "conditions"]
+    assert conditions == sorted(conditions) and conditions[-1] == FRAMES
+    assert any(e["eta_seconds"] for e in denoising)
+
+    # the result: the clip's length, frame rate and sound
+    out = job.output_path
+    assert out.is_file() and out.parent == job.dir
+    info = vio.probe(out)
+    assert info["has_audio"]
+    assert abs(info["duration"] - FRAMES / FPS) <= 1 / FPS
+    reader = vio.VideoReader(out)
+    assert (reader.num_frames, reader.fps, reader.size) == (FRAMES, FPS, (SIZE, SIZE))
+
+    # previews: every lineart frame made, and the tile ControlNet's input
+    assert set(job.previews) == {"lineart", "tile"}
+    assert job.previews["lineart"][1] == f"Lineart {FRAMES}/{FRAMES}"
+    html = J.status_html(job)
+    assert 'data-state="done"' in html and "Done in" in html
+
+    # the app adds nothing to the pipeline: the same call made directly gives the same frames
+    slot = manager.models.slots[0]
+    args = J.parse_render_args(small().argv(clip))
+    frames = vio.read_frames(vio.VideoReader(clip), range(FRAMES), SIZE, SIZE, progress=False)
+    direct = slot.pipe(video=frames, **J.pipeline_kwargs(args, SIZE, SIZE, slot.detector))
+    direct_path = vio.write_video(tmp_path / "direct.mp4", vio.to_uint8(direct.frames[0]), FPS, progress=False)
+    np.testing.assert_array_equal(decode(out), decode(direct_path))
+
+
+def test_pipeline_arguments_are_the_clis(clip):
+    """The app maps the settings onto the pipeline exactly as `diffutoon render` does (cli._run_pipeline)."""
+    calls = []
+
+    class Recorder:
+        def __call__(self, **kwargs):
+            calls.append(kwargs)
+            return types.SimpleNamespace(frames=[np.zeros((1, 8, 8, 3), np.uint8)])
+
+    for settings in (small(), small(edit_prompt="night", lineart_scale=0.3, tile_scale=0.7, seed=5, every_nth=2)):
+        args = J.parse_render_args(settings.argv(clip))
+        args.quiet = True
+        frames = np.zeros((4, SIZE, SIZE, 3), np.uint8)
+        cli._run_pipeline(args, Recorder(), frames, "detector", {"detectors": "edit-detectors"})
+        ours = J.pipeline_kwargs(args, SIZE, SIZE, "detector", {"detectors": "edit-detectors"})
+        theirs = calls.pop()
+        assert theirs.pop("video") is frames
+        assert theirs.pop("generator").initial_seed() == ours.pop("generator").initial_seed() == settings.seed
+        assert theirs == ours
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_bad_uploads_and_settings_give_the_clis_messages(manager, clip, tmp_path, capfd):
+    data = clip.read_bytes()
+    (tmp_path / "truncated.mp4").write_bytes(data[: len(data) // 2])
+    (tmp_path / "notes.mp4").write_text("this is not a video\n")
+    token = manager.new_token()
+    for name in ("truncated.mp4", "notes.mp4"):
+        path = tmp_path / name
+        expected = cli_message(capfd, ["render", str(path), "-o", str(tmp_path / "o.mp4")], {path: name})
+        with pytest.raises(J.UIError) as inspected:
+            manager.inspect(path)
+        with pytest.raises(J.UIError) as submitted:
+            manager.submit(token, path, small())
+        assert str(inspected.value) == str(submitted.value) == expected
+        assert str(tmp_path) not in expected and name in expected
+
+    cases = [  # page settings, the same on the command line, what the page says
+        (dict(context_length=4, context_stride=4), ["--context-length", "4", "--context-stride", "4"],
+         "Window stride (4) must be smaller than Window length (4): the sliding windows must overlap"),
+        (dict(steps=0), ["--steps", "0"], "Steps: must be >= 1, got 0"),
+        (dict(start=10.0), ["--start", "10s"], "empty frame range: start=80, end=8, but clip.mp4 has 8 frames "
+                                               "(1.00 s at 8 fps); change Start/End"),
+        (dict(height=36), ["--height", "36"], "Height: must be a multiple of 8, got 36 (e.g. 32)"),
+    ]
+    for settings, argv, words in cases:
+        expected = cli_message(capfd, ["render", str(clip), "-o", str(tmp_path / "o.mp4"), *argv], {clip: clip.name})
+        with pytest.raises(J.UIError) as e:
+            manager.submit(token, clip, small(**settings))
+        assert str(e.value) == expected == words
+
+    with pytest.raises(J.UIError, match=r"LoRA style.txt: not a weights file"):
+        manager.submit(token, clip, small(), loras=[tmp_path / "style.txt"])
+    # the app keeps serving
+    job = manager.submit(token, clip, small())
+    assert manager.wait(job, TIMEOUT) == "done"
+
+
+def test_size_length_and_frame_limits(models, clip, tmp_path):
+    m = J.JobManager(models, tmp_path / "data", J.Limits(max_upload_mb=0.01), log=lambda msg: None)
+    size = clip.stat().st_size
+    with pytest.raises(J.UIError) as e:
+        m.inspect(clip)
+    assert str(e.value) == (f"clip.mp4 is {size / 1024:.0f} kB; this app takes videos up to 0.01 MB: shorten or "
+                            "compress it first")
+    m.limits = J.Limits(max_seconds=0.5)
+    with pytest.raises(J.UIError, match=r"^clip.mp4 is 1 s long; this app takes videos up to 0 s: cut it shorter"):
+        m.inspect(clip)
+    m.limits = J.Limits(max_frames=4)
+    token = m.new_token()
+    with pytest.raises(J.UIError, match="the selected part has 8 frames; this app renders at most 4 frames"):
+        m.submit(token, clip, small())
+    m.submit(token, clip, small(every_nth=2))  # 4 frames: accepted (queued; no worker started here)
+    m.stop()
+
+
+# ------------------------------------------------------------------------------------------------ several users
+def test_queue_one_render_at_a_time_with_places_and_private_jobs(manager, clip):
+    gate, first_window = threading.Event(), threading.Event()
+
+    def hold(job):  # keep the first render running while the others queue up
+        if job is jobs[0] and job.progress.get("stage") == "denoising" and not gate.is_set():
+            first_window.set()
+            gate.wait(TIMEOUT)
+
+    manager.observers.append(hold)
+    tokens = [manager.new_token() for _ in range(3)]
+    jobs = [manager.submit(tokens[0], clip, small())]
+    assert first_window.wait(TIMEOUT)
+    jobs += [manager.submit(t, clip, small(seed=i)) for i, t in enumerate(tokens[1:], 1)]
+    try:
+        assert [j.status for j in jobs] == ["running", "queued", "queued"]
+        assert [manager.place(j) for j in jobs] == [(0, 1), (1, 1), (2, 1)]
+        assert "you are number 2. 1 render is ahead of you (1 running now" in J.status_html(jobs[2], manager.place(jobs[2]))
+        # a session sees only its own jobs, and one active render each
+        assert manager.job(tokens[1], jobs[0].id) is None and manager.job(tokens[0], jobs[0].id) is jobs[0]
+        with pytest.raises(J.UIError, match="no such render"):
+            manager.cancel(tokens[1], jobs[0].id)
+        with pytest.raises(J.UIError, match="already have a render"):
+            manager.submit(tokens[0], clip, small())
+        assert manager.session_dir(tokens[0]) != manager.session_dir(tokens[1])
+        assert jobs[0].dir.parent == manager.session_dir(tokens[0])
+    finally:
+        gate.set()
+    for job in jobs:
+        assert manager.wait(job, TIMEOUT) == "done"
+    spans = sorted((j.started, j.finished) for j in jobs)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # never two at once on the one accelerator
+    assert [j.started for j in jobs] == sorted(j.started for j in jobs)  # first come, first served
+
+
+def test_cancel_stops_at_the_next_window_and_keeps_the_folder(manager, clip):
+    events = record(manager)
+    token = manager.new_token()
+
+    def cancel_after_first_window(job):
+        if job.progress.get("stage") == "denoising" and job.progress.get("done") == 1 and not job.cancel_requested:
+            t = threading.Thread(target=manager.cancel, args=(token, job.id))  # as the page does: another thread
+            t.start()
+            t.join()
+
+    manager.observers.append(cancel_after_first_window)
+    job = manager.submit(token, clip, small())
+    assert manager.wait(job, TIMEOUT) == "cancelled"
+    manager.observers.remove(cancel_after_first_window)
+    assert max(e["done"] for e in events if e["stage"] == "denoising") == 1  # no window after the cancel
+    assert events[-1]["stage"] in ("denoising", "interrupted")
+    assert job.message.startswith("Cancelled at step 1 of 2.")
+    assert job.dir.is_dir() and job.input_path.is_file() and job.output is None
+    assert json.loads((job.dir / "job.json").read_text())["status"] == "cancelled"
+    assert manager.models.slots[0].pipe._interrupt is False
+
+    # Resume (this pipeline cannot continue a render: it starts again), then another user's render still works
+    assert 'data-state="cancelled"' in J.status_html(job)
+    manager.resume(token, job.id)
+    assert manager.wait(job, TIMEOUT) == "done" and job.attempts == 2
+    other = manager.submit(manager.new_token(), clip, small())
+    assert manager.wait(other, TIMEOUT) == "done"
+
+    # a job cancelled while waiting never starts
+    gate = threading.Event()
+    manager.observers.append(lambda j: gate.wait(TIMEOUT) if j is other2 else None)
+    other2 = manager.submit(manager.new_token(), clip, small())
+    waiting_token = manager.new_token()
+    waiting = manager.submit(waiting_token, clip, small())
+    manager.cancel(waiting_token, waiting.id)
+    gate.set()
+    assert manager.wait(waiting, TIMEOUT) == "cancelled" and waiting.started is None
+    assert manager.wait(other2, TIMEOUT) == "done"
+
+
+def test_restarted_app_runs_the_jobs_it_had_not_finished(models, clip, tmp_path):
+    first = J.JobManager(models, tmp_path / "data", log=lambda msg: None)  # never started: its jobs stay queued
+    token, crashed_token = first.new_token(), first.new_token()
+    waiting = first.submit(token, clip, small())
+    running = first.submit(crashed_token, clip, small(seed=1))
+    running.status, running.attempts = "running", 1  # as a crash mid-render leaves it
+    running.save()
+    old = first.submit(first.new_token(), clip, small(seed=2))
+    old.status, old.finished = "done", old.created - 8 * 86400  # finished longer than --keep-days (7) ago
+    old.save()
+    first.stop()
+
+    second = J.JobManager(models, tmp_path / "data", log=lambda msg: None).start()
+    try:
+        job, other = second.job(token, waiting.id), second.job(crashed_token, running.id)
+        assert job is not None and other is not None and job is not waiting
+        assert not old.dir.exists()  # removed at start
+        assert second.wait(job, TIMEOUT) == "done" and second.wait(other, TIMEOUT) == "done"
+        assert other.attempts == 2 and other.note == "started again after a restart of the app"
+        assert job.output_path.is_file() and other.output_path.is_file()
+        assert second.latest(token) is job
+    finally:
+        second.stop()
+
+
+# ------------------------------------------------------------------------------------------------ styles
+def _kohya_lora(pipe, path):
+    gen = torch.Generator().manual_seed(2)
+    state = {}
+    for name, module in pipe.unet.named_modules():
+        name = name.removesuffix(".base_layer")  # a layer that already carries a LoRA (loaded at start)
+        if isinstance(module, torch.nn.Linear) and ".attentions." in name and name.endswith(("to_q", "to_k", "to_v")):
+            out_features, in_features = module.weight.shape
+            key = "lora_unet_" + name.replace(".", "_")
+            state[f"{key}.lora_down.weight"] = torch.randn(4, in_features, generator=gen)
+            state[f"{key}.lora_up.weight"] = torch.randn(out_features, 4, generator=gen)
+            state[f"{key}.alpha"] = torch.tensor(4.0)
+    from safetensors.torch import save_file
+
+    save_file(state, str(path))
+    return path
+
+
+def test_loras_and_embeddings_apply_to_one_render_only(manager, clip, tmp_path):
+    pipe = manager.models.slots[0].pipe
+    lora = _kohya_lora(pipe, tmp_path / "toon style.safetensors")
+    dim = pipe.text_encoder.get_input_embeddings().embedding_dim
+    embedding = tmp_path / "toonword.pt"
+    torch.save({"toonword": torch.randn(1, dim, generator=torch.Generator().manual_seed(3))}, embedding)
+    rows, vocab = pipe.text_encoder.get_input_embeddings().num_embeddings, len(pipe.tokenizer)
+
+    token = manager.new_token()
+    outputs = []
+    for files in ({}, {"loras": [lora], "embeddings": [embedding]}, {}):
+        job = manager.submit(token, clip, small(prompt="toonword, best quality", lora_scale=0.8), **files)
+        assert manager.wait(job, TIMEOUT) == "done", job.message
+        outputs.append(decode(job.output_path))
+        assert not any("lora" in type(m).__name__.lower() for m in pipe.unet.modules())
+        assert (pipe.text_encoder.get_input_embeddings().num_embeddings, len(pipe.tokenizer)) == (rows, vocab)
+    assert job.loras == [] and (job.dir / "loras").is_dir()
+    assert not np.array_equal(outputs[0], outputs[1])  # the style did something
+    np.testing.assert_array_equal(outputs[0], outputs[2])  # and left nothing behind
+
+
+def test_a_broken_lora_fails_its_job_in_one_line(manager, clip, tmp_path):
+    (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
+    token = manager.new_token()
+    job = manager.submit(token, clip, small(), loras=[tmp_path / "broken.safetensors"])
+    assert manager.wait(job, TIMEOUT) == "failed"
+    assert job.message.startswith("could not load the LoRA broken.safetensors: ") and "\n" not in job.message
+    assert str(tmp_path) not in job.message and str(manager.data_dir) not in job.message
+    job = manager.submit(token, clip, small())
+    assert manager.wait(job, TIMEOUT) == "done"
+
+
+def test_editing_prompt_runs_the_editing_branch_with_its_progress_and_colour_preview(manager, clip):
+    events = record(manager)
+    job = manager.submit(manager.new_token(), clip, small(edit_prompt="orange dress, night"))
+    assert manager.wait(job, TIMEOUT) == "done", job.message
+    order = first_occurrences((e["stage"], e["pass"]) for e in events)
+    assert_in_order(order, [("conditions", "edit"), ("edit", "edit"), ("fastblend", "edit"), ("conditions", "main"),
+                            ("denoising", "main"), ("done", "main")])
+    assert set(job.previews) == {"lineart", "colors"}
+    assert job.previews["colors"][1] == "Colour (edited)"
+
+
+# ------------------------------------------------------------------------------------------------ the contract's API
+class FakeClip:
+    """CONTRACT.md's diffutoon.video.VideoClip, enough for the stand-in pipeline below."""
+
+    def __init__(self, path, indices=None, height=None, width=None, policy="crop"):
+        self.reader = vio.VideoReader(path)
+        self.path, self.indices = Path(path), list(indices if indices is not None else range(self.reader.num_frames))
+        self.height, self.width, self.policy = height, width, policy
+        self.fps = self.reader.fps
+
+    def __len__(self):
+        return len(self.indices)
+
+    def audio_span(self):
+        return self.reader.span(self.indices)
+
+    def read(self, start, end):
+        return vio.resize_frames(self.reader.read(self.indices[start:end]), self.height, self.width, self.policy)
+
+
+class ContractPipeline:
+    """A stand-in with the long-render API of CONTRACT.md and no model: conditions in the render folder (npy +
+    .done), a progress dict after every window and stage, `_interrupt` honoured at the next window with the folder
+    kept, resumption from the last completed step, the output streamed to output_path with the source's audio."""
+
+    def __init__(self):
+        self._interrupt = False
+        self.calls, self.resumed_at = [], []
+
+    def __call__(self, video=None, prompt="", negative_prompt="", height=None, width=None, num_inference_steps=10,
+                 guidance_scale=7.0, context_length=16, context_stride=8, controlnet_conditioning_scale=0.5,
+                 clip_skip=1, strength=1.0, generator=None, output_type="pil", decode_chunk_size=8,
+                 lineart_detector=None, callback_on_step_end=None, edit_prompt=None, edit_kwargs=None,
+                 render_dir=None, fresh=False, keep_render_dir=False, output_path=None, fps=None,
+                 progress_callback=None):
+        from pipeline_diffutoon import sliding_windows
+
+        self._interrupt = False
+        self.calls.append(dict(render_dir=render_dir, output_path=output_path, fps=fps, video=video,
+                               callback_on_step_end=callback_on_step_end))
+        frames = video.read(0, len(video))
+        n, steps = len(frames), num_inference_steps
+        windows = len(sliding_windows(n, context_length, context_stride))
+        folder = Path(render_dir)
+        (folder / "conditions").mkdir(parents=True, exist_ok=True)
+        state = folder / "state.json"
+        start = json.loads(state.read_text())["step"] if state.exists() else 0
+        self.resumed_at.append(start)
+
+        def report(stage, **kw):
+            progress_callback({"stage": stage, "pass": "main", "frames": n, "step": 0, "steps": steps, "window": 0,
+                               "windows": windows, "done": 0, "total": 0, "started_at": 0.0, "updated_at": 0.0,
+                               "eta_seconds": None, **kw})
+
+        if start == 0:
+            lineart = np.lib.format.open_memmap(folder / "conditions" / "0-lineart.npy", "w+", np.uint8, frames.shape)
+            lineart[:] = 255 - frames
+            lineart.flush()
+            (folder / "conditions" / "0-lineart.done").write_bytes(b"\x01")
+            report("conditions", done=n, total=n)
+        for step in range(start, steps):
+            for window in range(windows):
+                if self._interrupt:
+                    report("interrupted", step=step, window=window)
+                    return types.SimpleNamespace(frames=None, interrupted=True, color_frames=None)
+                report("denoising", step=step, window=window + 1, done=step * windows + window + 1,
+                       total=steps * windows, eta_seconds=1.0)
+            state.write_text(json.dumps({"step": step + 1}))
+        report("writing", done=0, total=1)
+        vio.write_video(output_path, frames, fps, audio_from=video.path, audio_span=video.audio_span(),
+                        overwrite=True, progress=False)
+        report("done", done=1, total=1)
+        if not keep_render_dir:
+            shutil.rmtree(folder)
+        return types.SimpleNamespace(frames=None, path=output_path, interrupted=False, color_frames=None)
+
+
+def test_the_long_render_api_is_used_when_the_pipeline_has_it(clip, tmp_path, monkeypatch):
+    monkeypatch.setattr(vio, "VideoClip", FakeClip, raising=False)
+    pipe = ContractPipeline()
+    features = J.PipelineFeatures.of(pipe)
+    assert features.progress_callback and features.render_dir and features.streams_output and features.resumable
+    models = J.Models("real", [J.Slot("cpu", pipe)], has_edit=False, summary="the contract's stand-in")
+    manager = J.JobManager(models, tmp_path / "data", log=lambda msg: None).start()
+    token = manager.new_token()
+    seen = []
+
+    def watch(job):
+        seen.append((dict(job.progress), J.status_html(job)))
+        p = job.progress
+        if p.get("stage") == "denoising" and p.get("step") == 1 and p.get("window") == 2 and len(pipe.calls) == 1:
+            t = threading.Thread(target=manager.cancel, args=(token, job.id))
+            t.start()
+            t.join()
+
+    manager.observers.append(watch)
+    try:
+        job = manager.submit(token, clip, small(steps=3))
+        assert manager.wait(job, TIMEOUT) == "cancelled"
+        call = pipe.calls[0]
+        assert call["render_dir"] == str(job.render_dir) and call["output_path"] == str(job.dir / "result.mp4")
+        assert call["fps"] == FPS and isinstance(call["video"], FakeClip) and call["callback_on_step_end"] is None
+        assert (call["video"].indices, call["video"].height, call["video"].width) == (list(range(FRAMES)), SIZE, SIZE)
+        # the page shows the pipeline's dict as is, and the lineart from the render folder as it was written
+        progress, html = next((p, h) for p, h in seen if p.get("stage") == "denoising" and p["done"] == 5)
+        assert "Drawing: step 2 of 3, window 3 of 3 \u00b7 about 1 s left" in html
+        assert job.previews["lineart"][1] == f"Lineart {FRAMES}/{FRAMES}"
+        np.testing.assert_array_equal(job.previews["lineart"][0],
+                                      255 - FakeClip(clip, None, SIZE, SIZE).read(FRAMES - 1, FRAMES)[0])
+        assert job.message.startswith("Cancelled at step 2 of 3. Its render folder is kept")
+        assert json.loads((job.render_dir / "state.json").read_text()) == {"step": 1}
+
+        manager.resume(token, job.id)
+        assert manager.wait(job, TIMEOUT) == "done", job.message
+        assert pipe.resumed_at == [0, 1] and pipe.calls[1]["render_dir"] == call["render_dir"]
+        assert not job.render_dir.exists()  # keep_render_dir=False: the pipeline removed it after writing
+        info = vio.probe(job.output_path)
+        assert info["has_audio"] and abs(info["duration"] - FRAMES / FPS) <= 1 / FPS
+    finally:
+        manager.stop()
+
+
+def test_condition_previews_show_only_completed_chunks(tmp_path):
+    folder = tmp_path / "render" / "conditions"
+    folder.mkdir(parents=True)
+    frames = np.arange(40, dtype=np.uint8)[:, None, None, None] * np.ones((40, 4, 4, 3), np.uint8)
+    np.save(folder / "0-lineart.npy", frames)
+    (folder / "0-lineart.done").write_bytes(b"\x01\x00\x00")
+    assert J.read_condition_previews(tmp_path / "render")["lineart"][1] == "Lineart 16/40"
+    assert J.read_condition_previews(tmp_path / "render")["lineart"][0].max() == 15
+    (folder / "0-lineart.done").write_bytes(b"\x01\x01\x01")
+    assert J.read_condition_previews(tmp_path / "render")["lineart"][1] == "Lineart 40/40"
+    (folder / "1-tile.done").write_bytes(b"\x00\x00\x00")
+    np.save(folder / "1-tile.npy", frames)
+    assert set(J.read_condition_previews(tmp_path / "render")) == {"lineart"}
+
+
+# ------------------------------------------------------------------------------------------------ models, page, setup
+def test_no_models_means_labelled_demo_models_and_an_explicit_base_must_load(tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    args = cli.build_parser().parse_args(["ui", "--device", "cpu"])
+    models = J.load_models(args, log=lambda m: None)
+    assert models.is_demo and "stable-diffusion-v1-5/stable-diffusion-v1-5" in models.reason
+    assert "--base" in models.reason
+
+    args = cli.build_parser().parse_args(["ui", "--base", "./models/anime.safetensors"])
+    with pytest.raises(cli.CLIError, match=r"^--base ./models/anime.safetensors: no such file or folder"):
+        J.load_models(args, log=lambda m: None)
+
+
+def test_real_models_from_the_render_options_with_start_up_styles_kept(local_models, clip, tmp_path):
+    """--base and the other model options of `diffutoon render` load through the CLI's own loading (here local
+    folders of tiny models): no demo label, the start-up LoRA and embedding stay, a user's LoRA comes and goes."""
+    m = local_models
+    args = cli.build_parser().parse_args([
+        "ui", "--base", str(m / "base"), "--motion-adapter", str(m / "motion"), "--lineart-controlnet",
+        str(m / "lineart"), "--tile-controlnet", str(m / "tile"), "--annotators", str(m / "annotators"),
+        "--textual-inversion", str(m / "verybadimagenegative_v1.3.pt"),
+        "--lora", f"{m / 'lora' / 'pytorch_lora_weights.safetensors'}@0.8", "--device", "cpu"])
+    models = J.load_models(args, log=lambda msg: None)
+    assert models.kind == "real" and not models.reason and str(m / "base") in models.summary
+    assert not models.has_edit  # the editing ControlNets are neither local nor downloadable offline
+    assert models.base_loras == (("lora0",), (0.8,))
+    pipe = models.slots[0].pipe
+    manager = J.JobManager(models, tmp_path / "data", log=lambda msg: None).start()
+    try:
+        assert manager.defaults.width == 384 and manager.defaults.negative_prompt == cli.DEFAULT_NEGATIVE_TOKEN
+        token = manager.new_token()
+        with pytest.raises(J.UIError, match="the editing prompt needs the editing ControlNets"):
+            manager.submit(token, clip, small(edit_prompt="night"))
+        outputs = []
+        style = _kohya_lora(pipe, tmp_path / "style.safetensors")
+        for files in ({}, {"loras": [style]}, {}):
+            job = manager.submit(token, clip, small(steps=1, negative_prompt=cli.DEFAULT_NEGATIVE_TOKEN), **files)
+            assert manager.wait(job, TIMEOUT) == "done", job.message
+            outputs.append(decode(job.output_path))
+            assert pipe.get_active_adapters() == ["lora0"]
+            assert "verybadimagenegative_v1.3_9" in pipe.tokenizer.get_vocab()
+        assert not np.array_equal(outputs[0], outputs[1])
+        np.testing.assert_array_equal(outputs[0], outputs[2])
+    finally:
+        manager.stop()
+
+
+def test_the_page_says_what_the_demo_models_are(manager):
+    pytest.importorskip("gradio")
+    from diffutoon import ui
+
+    app, launch = ui.build_app(manager)
+    html = [b.value for b in app.blocks.values() if type(b).__name__ == "HTML" and "dt-models" in str(b.value)]
+    assert len(html) == 1 and "Demo mode: tiny random-weight models" in html[0]
+    assert "coloured noise, not anime" in html[0] and manager.models.reason in html[0]
+    # files: nothing served by its path; the data folder blocked; uploads capped
+    assert launch["allowed_paths"] == [] and launch["blocked_paths"] == [str(manager.data_dir)]
+    assert launch["max_file_size"] == int(manager.limits.max_upload_mb * 2**20)
+    assert manager.secret not in str(app.get_config_file())  # session folders stay unguessable
+    served = Path(manager.serve_copy(manager.demo_clip(), "demo-clip.mp4"))
+    assert not served.is_relative_to(manager.data_dir) and served.name == "demo-clip.mp4"
+    from gradio.utils import is_allowed_file
+
+    assert is_allowed_file(manager.data_dir / "demo-clip.mp4", launch["blocked_paths"], launch["allowed_paths"],
+                           [])[0] is False
+
+
+def test_ui_command_line(capfd, monkeypatch):
+    assert cli.main(["ui", "--help"]) == 0
+    assert "--demo-models" in capfd.readouterr().out
+    assert cli.main(["ui", "--port", "0"]) == 2
+    err = capfd.readouterr().err.strip()
+    assert err == "diffutoon ui: error: argument --port: must be >= 1, got 0 (see `diffutoon ui --help`)"
+    monkeypatch.setitem(__import__("sys").modules, "gradio", None)  # Gradio not installed
+    assert cli.main(["ui", "--demo-models"]) == 2
+    err = capfd.readouterr().err.strip()
+    assert err.startswith("diffutoon ui: error: the web app needs Gradio") and "pip install 'diffutoon[ui]'" in err
+
+
+def test_setup_extras_and_ci_script():
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    extras = next(ast.literal_eval(k.value) for node in ast.walk(tree) if isinstance(node, ast.Call)
+                  for k in node.keywords if k.arg == "extras_require")
+    from diffutoon.ui import GRADIO_MIN
+
+    assert f"gradio>={GRADIO_MIN}" in extras["ui"]
+    assert set(extras["ui"]) <= set(extras["test"]) and any(r.startswith("selenium") for r in extras["test"])
+    readme_command = 'pip install -e ".[test]" && python -m pytest -q tests'
+    assert readme_command in (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "chromium" in ci and "chromium-driver" in ci
+    assert ci.rstrip().splitlines()[-1] == readme_command

@@ -1,0 +1,203 @@
+"""The web app in a real browser: `diffutoon ui --demo-models` served on 127.0.0.1, headless Chromium (Debian's
+`chromium` + `chromium-driver`, driven by Selenium) uploads a non-video file and sees the CLI's message, then a
+short clip, renders it with the tiny models, sees the progress move and a result <video> as long as the clip.
+
+Skipped only where Chromium is missing outside CI; in CI (env CI set, as .ci/run does) a missing browser fails.
+    python tests/test_ui_browser.py --screenshot docs/webapp.png    # the README's screenshot
+"""
+
+import os
+import re
+import shutil
+import socket
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CLIP_FRAMES, CLIP_SIZE, CLIP_FPS = 12, 64, 8  # 1.5 s; windows of 8 / stride 4 (demo defaults): 2 a step, 2 steps
+
+
+def _browser():
+    def first(*candidates):
+        return next((p for p in candidates if p and os.path.isfile(p)), None)
+
+    chromium = first(os.environ.get("CHROME_BIN"), *map(shutil.which, ("chromium", "chromium-browser", "google-chrome")))
+    driver = first(os.environ.get("CHROMEDRIVER"), shutil.which("chromedriver"))
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return chromium, driver, "selenium is not installed (pip install -e '.[test]')"
+    if not (chromium and driver):
+        return chromium, driver, ("Chromium or chromedriver not found (Debian: apt-get install chromium "
+                                  "chromium-driver; or set CHROME_BIN and CHROMEDRIVER)")
+    return chromium, driver, None
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chromium, driver, missing = _browser()
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the browser test: {missing}; .ci/run installs them")
+        pytest.skip(missing)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1400,1700"):
+        options.add_argument(flag)
+    profile = tempfile.mkdtemp(prefix="diffutoon-chromium-")
+    options.add_argument(f"--user-data-dir={profile}")
+    drv = webdriver.Chrome(options=options, service=Service(driver))
+    drv.set_page_load_timeout(60)
+    yield drv
+    drv.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`diffutoon ui --demo-models` (its options parsed by the CLI, then `ui.serve`), on 127.0.0.1 only, with its
+    own data folder; in this process, so that the models' libraries are imported once for the whole suite."""
+    pytest.importorskip("gradio")
+    from diffutoon import cli, ui
+
+    tmp = tmp_path_factory.mktemp("ui")
+    port = _free_port()
+    args = cli.build_parser().parse_args(["ui", "--demo-models", "--device", "cpu", "--host", "127.0.0.1",
+                                          "--port", str(port), "--data-dir", str(tmp / "data")])
+    app, manager = ui.serve(args, block=False)
+    url = f"http://127.0.0.1:{port}/"
+    assert urllib.request.urlopen(url, timeout=30).status == 200
+    yield url, tmp
+    app.close()
+    manager.stop()
+
+
+def _wait(fn, timeout=60, what="the page"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _file_input(drv):
+    from selenium.webdriver.common.by import By
+
+    return _wait(lambda: drv.find_elements(By.CSS_SELECTOR, "#dt-video input[type=file]"), what="the upload box")[0]
+
+
+def _text(drv, elem_id):
+    from selenium.webdriver.common.by import By
+
+    found = drv.find_elements(By.ID, elem_id)
+    return found[0].text.strip() if found else ""
+
+
+# the progress block's data-* attributes, every time the page changes them
+RECORD_PROGRESS = """
+window.__progress = [];
+const record = () => { const p = document.getElementById('dt-progress'); if (p) window.__progress.push({...p.dataset}); };
+new MutationObserver(record).observe(document.getElementById('dt-status'),
+                                     {subtree: true, childList: true, attributes: true, characterData: true});
+"""
+
+
+def test_page_renders_a_clip_and_shows_errors(browser, server, tmp_path, capfd):
+    from selenium.webdriver.common.by import By
+
+    from diffutoon import cli
+    from diffutoon import video as vio
+
+    url, tmp = server
+    drv = browser
+    drv.get(url)
+    assert "Demo mode: tiny random-weight models" in _wait(lambda: _text(drv, "dt-models"), what="the banner")
+
+    # a file that is not a video: the CLI's one-line message, in the page
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a video\n")
+    assert cli.main(["render", str(notes)]) == 2
+    cli_line = capfd.readouterr().err.strip().split(": error: ", 1)[1].replace(str(notes), notes.name)
+    _file_input(drv).send_keys(str(notes))
+    shown = _wait(lambda: drv.find_elements(By.CSS_SELECTOR, "#dt-message .dt-error"), what="the error message")
+    assert shown[0].text.strip() == cli_line
+    assert cli_line == "cannot read notes.txt as a video (truncated, corrupt or not a video file)"
+
+    # a short clip with sound, rendered with the tiny models
+    drv.refresh()
+    clip = vio.make_demo_clip(tmp_path / "clip.mp4", CLIP_FRAMES, CLIP_SIZE, CLIP_SIZE, CLIP_FPS, overwrite=True)
+    _file_input(drv).send_keys(str(clip))
+    info = _wait(lambda: "Selected" in _text(drv, "dt-info") and _text(drv, "dt-info"), what="the video's details")
+    assert f"{CLIP_FRAMES} frames" in info and "with sound" in info
+    assert _text(drv, "dt-message") == ""
+    drv.execute_script(RECORD_PROGRESS)
+    drv.find_element(By.ID, "dt-render").click()
+
+    duration = _wait(lambda: drv.execute_script(
+        "const v = document.querySelector('#dt-result video');"
+        "return v && v.readyState >= 1 && isFinite(v.duration) ? v.duration : null"), timeout=300, what="the result")
+    log = drv.execute_script("return window.__progress")
+    assert abs(duration - CLIP_FRAMES / CLIP_FPS) <= 1 / CLIP_FPS, duration
+
+    # the progress moved, as the pipeline reported it: its conditions, then window after window
+    assert log[-1]["state"] == "done", log[-1]
+    stages = [e.get("stage") for e in log]
+    assert "conditions" in stages and "denoising" in stages
+    assert stages.index("conditions") < stages.index("denoising")
+    denoising = sorted({int(e["done"]) for e in log if e.get("stage") == "denoising"})
+    assert len(denoising) >= 2 and denoising[-1] > denoising[0]
+    fractions = [float(e["fraction"]) for e in log if "fraction" in e]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert "Done in" in _text(drv, "dt-status")
+    assert drv.find_element(By.ID, "dt-download").is_displayed()
+    assert len(drv.find_elements(By.CSS_SELECTOR, "#dt-previews img")) >= 1  # the condition frames
+
+    # the result is served at an unguessable URL, never by its path in the data folder
+    src = drv.execute_script("return document.querySelector('#dt-result video').src")
+    assert urllib.request.urlopen(src, timeout=10).status == 200
+    outputs = list((tmp / "data" / "sessions").glob("*/*/result.mp4"))
+    assert len(outputs) == 1
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(f"{url}gradio_api/file={outputs[0]}", timeout=10)
+    assert e.value.code == 403
+
+    shot = os.environ.get("DIFFUTOON_UI_SCREENSHOT")
+    if shot:
+        _screenshot(drv, shot)
+
+
+def _screenshot(drv, path):
+    height = drv.execute_script("return Math.max(document.body.scrollHeight, document.documentElement.scrollHeight,"
+                                "  ...[...document.querySelectorAll('.gradio-container')].map(e => e.scrollHeight))")
+    drv.set_window_size(1400, min(max(height + 80, 900), 3000))
+    time.sleep(1)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    drv.save_screenshot(str(path))
+
+
+if __name__ == "__main__":
+    m = re.fullmatch(r"--screenshot=?(.*)", " ".join(sys.argv[1:2]))
+    target = (sys.argv[2] if len(sys.argv) > 2 else m[1]) if m else None
+    if not target:
+        sys.exit("usage: python tests/test_ui_browser.py --screenshot docs/webapp.png")
+    os.environ["DIFFUTOON_UI_SCREENSHOT"] = str(Path(target).resolve())
+    sys.exit(pytest.main(["-q", "-p", "no:warnings", __file__]))
