@@ -1184,7 +1184,8 @@ class DiffutoonPipeline(
                 def on_window():
                     window = next(windows_done)
                     bar.update()
-                    run.report(stage="denoising", **{"pass": name}, step=i, steps=num_steps, window=window,
+                    run.report(stage="denoising" if name == "main" else name, **{"pass": name}, step=i,
+                               steps=num_steps, window=window,
                                windows=num_windows, done=i * num_windows + window, total=num_steps * num_windows,
                                frames=len(latents))
 

@@ -61,7 +61,7 @@ def main(argv=None):
 
         def callback(progress):
             if (progress.get("pass"), progress.get("step"), progress.get("window")) == where and \
-                    progress["stage"] == "denoising":
+                    progress["stage"] in ("denoising", "edit"):  # the editing branch's denoising is "edit"
                 os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no flush: as a crash or a preemption
     if args.slow_writes:
         from diffutoon import render_folder
