@@ -1,4 +1,5 @@
-"""Main pass vs diffusers' FreeNoise: largest UNet call, peak host memory and seconds per denoising step.
+"""Main pass (with and without reuse across windows) vs diffusers' FreeNoise: largest UNet call, peak host memory and
+seconds per denoising step.
 
 Each (pipeline, N) runs in its own process so that peak RSS is its own. Components: the tiny architectures at
 a not-trivial width (UNet/ControlNet channels 64/128, CLIP width 64), 128x128 frames (16x16 latents), 2 steps.
@@ -46,9 +47,10 @@ def measure(kind: str, num_frames: int, size: int, steps: int) -> dict:
                   generator=torch.Generator().manual_seed(0))
     base_rss = psutil.Process().memory_info().rss
     start = time.perf_counter()
-    if kind == "diffutoon":
+    if kind.startswith("diffutoon"):
         pipe.set_progress_bar_config(disable=True)
-        pipe(video=video, conditioning_frames=[lineart, None], context_length=16, context_stride=8, **common)
+        pipe(video=video, conditioning_frames=[lineart, None], context_length=16, context_stride=8,
+             reuse_across_windows=kind == "diffutoon", **common)
     else:
         from diffusers import AnimateDiffVideoToVideoControlNetPipeline
 
@@ -78,7 +80,7 @@ def main():
         return
     rows = []
     for n in args.frames:
-        for kind in ("diffutoon", "freenoise"):
+        for kind in ("diffutoon", "diffutoon-no-reuse", "freenoise"):
             out = subprocess.run([sys.executable, __file__, "--one", kind, str(n), "--size", str(args.size),
                                   "--steps", str(args.steps)], capture_output=True, text=True, cwd=ROOT)
             if out.returncode:
@@ -87,14 +89,15 @@ def main():
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(rows[-1], flush=True)
     print(f"\n{args.size}x{args.size}, {args.steps} steps, context 16/8, CFG 7, tiny UNet (64/128 ch); s/step excludes step 1")
-    print("| N | ours: max UNet frames | FreeNoise: max UNet frames | ours s/step | FreeNoise s/step | time ratio (FN/ours) "
-          "| ours peak RSS MB (call delta) | FreeNoise peak RSS MB (call delta) | call-delta ratio (FN/ours) |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for ours, fn in zip(rows[::2], rows[1::2]):
+    print("| N | ours: max UNet frames | FreeNoise: max UNet frames | ours s/step (reuse) | ours s/step (no reuse) | "
+          "FreeNoise s/step | FN / ours (reuse) | no reuse / reuse | ours peak RSS MB (call delta) | "
+          "FreeNoise peak RSS MB (call delta) | call-delta ratio (FN/ours) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for ours, plain, fn in zip(rows[::3], rows[1::3], rows[2::3]):
         print(f"| {ours['frames']} | {ours['max_unet_frames']} | {fn['max_unet_frames']} | {ours['s_per_step']:.2f} | "
-              f"{fn['s_per_step']:.2f} | {fn['s_per_step'] / ours['s_per_step']:.2f} | {ours['peak_rss_mb']:.0f} "
-              f"({ours['call_delta_mb']:.0f}) | {fn['peak_rss_mb']:.0f} ({fn['call_delta_mb']:.0f}) | "
-              f"{fn['call_delta_mb'] / max(ours['call_delta_mb'], 1):.2f} |")
+              f"{plain['s_per_step']:.2f} | {fn['s_per_step']:.2f} | {fn['s_per_step'] / ours['s_per_step']:.2f} | "
+              f"{plain['s_per_step'] / ours['s_per_step']:.2f} | {ours['peak_rss_mb']:.0f} ({ours['call_delta_mb']:.0f}) | "
+              f"{fn['peak_rss_mb']:.0f} ({fn['call_delta_mb']:.0f}) | {fn['call_delta_mb'] / max(ours['call_delta_mb'], 1):.2f} |")
 
 
 if __name__ == "__main__":
