@@ -266,6 +266,34 @@ def _torch_setup(args):
     return device, getattr(torch, dtype)
 
 
+def _join_torchrun(args):
+    """Under torchrun (WORLD_SIZE > 1) join its process group: NCCL on this process's GPU (LOCAL_RANK), gloo on CPU,
+    timeout DIFFUTOON_DIST_TIMEOUT seconds (default 1800). The pipeline then splits the render over the processes,
+    bit-identical to one; ranks other than 0 render their share quietly. Returns this process's rank."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return 0
+    import atexit
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+    if cuda:
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(args.device)
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=float(os.environ.get("DIFFUTOON_DIST_TIMEOUT", 1800)))
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout,
+                                device_id=torch.device(args.device) if cuda else None)
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+    if dist.get_rank():
+        args.quiet = True  # one progress display and one "wrote" line: rank 0's
+    return dist.get_rank()
+
+
 def _import_pipeline():
     try:
         import pipeline_diffutoon
@@ -295,7 +323,7 @@ def _run_pipeline(args, pipe, frames, detector, edit_extra=None):
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=args.quiet)
     result = pipe(**kwargs)
-    return vio.to_uint8(result.frames[0])
+    return None if result.frames is None else vio.to_uint8(result.frames[0])  # None: another torchrun rank has them
 
 
 def _render(args, reader, indices, out, pipe, detector, edit_extra=None):
@@ -303,6 +331,8 @@ def _render(args, reader, indices, out, pipe, detector, edit_extra=None):
     frames = vio.read_frames(reader, indices, height, width, args.resize, progress=not args.quiet)
     t = time.time()
     styled = _run_pipeline(args, pipe, frames, detector, edit_extra)
+    if styled is None:  # torchrun: rank 0 writes the output
+        return
     if not args.quiet:
         print(f"rendered {len(styled)} frames of {width}x{height} in {time.time() - t:.1f} s", file=sys.stderr)
     _write(args, out, styled, reader, indices)
@@ -459,6 +489,7 @@ def _load_loras(pipe, loras):
 
 # ---------------------------------------------------------------------------------------------- commands
 def cmd_render(args):
+    _join_torchrun(args)  # torchrun --nproc-per-node=K: K processes split this render; rank 0 writes the output
     reader, indices = _open_input(args)
     out = _output_path(args, f"{args.input.stem}-diffutoon.mp4")
     _check_sizes(args, reader)
