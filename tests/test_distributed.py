@@ -229,32 +229,32 @@ def test_a_rank_that_raises_or_was_given_another_render_stops_every_rank(pipe, t
     assert np.array_equal(results[0]["after"][0], pipe(**job(num_inference_steps=1)).frames[0])
 
 
-def _killed(rank, pipe, folder, victim):
+def _killed(rank, pipe, folder, victim, edit):
     def die(progress):
         where = (progress.get("pass"), progress.get("stage"), progress.get("step"), progress.get("window"))
         if rank == victim and where == ("main", "denoising", 1, 1):
             os.kill(os.getpid(), signal.SIGKILL)  # no cleanup: a crash, an out-of-memory kill, a lost node
-    pipe(**job(), render_dir=folder, progress_callback=die)
+    pipe(**job(edit=edit), render_dir=folder, progress_callback=die)
 
 
-def _resumed(rank, pipe, folder):
-    return pipe(**job(), render_dir=folder).frames
+def _resumed(rank, pipe, folder, edit):
+    return pipe(**job(edit=edit), render_dir=folder).frames
 
 
-@pytest.mark.parametrize("victim", [1, 0])
+@pytest.mark.parametrize("victim, branch", [(1, "main"), (0, "edit")])  # "edit": its finished stage is resumed too
 def test_a_killed_rank_stops_the_other_and_the_render_resumes_with_one_or_two_processes(pipe, reference, tmp_path,
-                                                                                        victim):
-    folder = tmp_path / "render"
-    results, errors, codes = spawn(2, tmp_path, _killed, pipe, folder, victim)
+                                                                                        victim, branch):
+    folder, edit = tmp_path / "render", branch == "edit"
+    results, errors, codes = spawn(2, tmp_path, _killed, pipe, folder, victim, edit)
     survivor = 1 - victim
     assert codes[victim] == -signal.SIGKILL and codes[survivor] == 1
     assert errors[survivor].startswith(f"DistributedError: process {survivor} of 2 lost contact with the others")
     assert "run the same command again, with any number of processes, to resume" in errors[survivor]
     copy = tmp_path / "copy"
     shutil.copytree(folder, copy)
-    results, errors, codes = spawn(2, tmp_path, _resumed, pipe, folder)
-    assert not errors and np.array_equal(results[0][0], reference["main"])
-    assert np.array_equal(pipe(**job(), render_dir=copy).frames[0], reference["main"])  # one process
+    results, errors, codes = spawn(2, tmp_path, _resumed, pipe, folder, edit)
+    assert not errors and np.array_equal(results[0][0], reference[branch])
+    assert np.array_equal(pipe(**job(edit=edit), render_dir=copy).frames[0], reference[branch])  # one process
 
 
 # ---------------------------------------------------------------------------------------------------------------
