@@ -77,6 +77,9 @@ try:  # the installed package: one class, whatever loaded this file (saved pipel
         "file_fingerprint", "module_fingerprint", "randn_into", "scheduler_state", "tensor_fingerprint")
     WindowReuse, compute_prefix, has_prefix = _import_names("diffutoon.reuse", "WindowReuse", "compute_prefix",
                                                             "has_prefix")
+    DistributedError, broadcast_frames, map_chunks, open_shared_run, process_group, process_rank = _import_names(
+        "diffutoon.distributed", "DistributedError", "broadcast_frames", "map_chunks", "open_shared_run",
+        "process_group", "process_rank")
 except ImportError:
     if not __package__:
         raise
@@ -86,6 +89,8 @@ except ImportError:
                                           RenderFolderError, file_fingerprint, module_fingerprint, randn_into,
                                           scheduler_state, tensor_fingerprint)
     from .diffutoon.reuse import WindowReuse, compute_prefix, has_prefix
+    from .diffutoon.distributed import (DistributedError, broadcast_frames, map_chunks,  # noqa: F401
+                                        open_shared_run, process_group, process_rank)
 # <<< main-pass modules <<<
 
 DEFAULT_PROMPT = "best quality, perfect anime illustration, light"  # SPEC's example adds its subject: "a girl is dancing, smile, solo"
@@ -391,6 +396,7 @@ class DiffutoonConditions:
     branch: str = "main"  # "main": controlnet; "edit": edit_controlnet (the editing branch)
     cross_frame: Any = None  # the editing branch's `attention_processors.CrossFrameState`, told each window's length
     reuse: bool = True  # compute what no window changes once per step and branch (issue 11)
+    group: Any = None  # diffutoon.distributed.Group: the windows split over processes (issue 12)
 
     @property
     def do_classifier_free_guidance(self) -> bool:
@@ -742,8 +748,13 @@ class DiffutoonPipeline(
 
     def denoise(self, latents, t, cond: DiffutoonConditions, out=None, on_window=None):
         """The full-length noise prediction (N, C, h, w) for the whole video at timestep `t` (eqs. 3-7), as a frame
-        array; `latents` is one too. None if interrupted."""
-        return self.denoise_windows(latents, t, cond, out=out, on_window=on_window)
+        array; `latents` is one too. None if interrupted. With `cond.group` each process runs its share of the
+        windows and every process gets the same prediction, bit-identical to one process (diffutoon/distributed.py)."""
+        if cond.group is None:
+            return self.denoise_windows(latents, t, cond, out=out, on_window=on_window)
+        out = HostFrames(np.zeros(latents.shape, np.float32)) if out is None else out
+        predict = lambda windows: self.iter_window_predictions(latents, t, cond, windows)  # noqa: E731
+        return cond.group.denoise(predict, cond.windows, out, on_window, lambda: self.interrupt)
 
     # ------------------------------------------------------------------------------------------------------------
     # VAE
@@ -758,12 +769,15 @@ class DiffutoonPipeline(
             out.append(self.vae.encode(pixels).latent_dist.mean.float().cpu() * self.vae.config.scaling_factor)
         return torch.cat(out).transpose(0, 1)[None]
 
-    def _decoded(self, latents, decode_chunk_size: int, output_type: str, desc: str = "decoding", report=None):
+    def _decoded(self, latents, decode_chunk_size: int, output_type: str, desc: str = "decoding", report=None,
+                 group=None):
         """Decode a latent frame array (N, C, h, w) a chunk of frames at a time; yields each chunk as `output_type`
         ("np": float (n, H, W, 3) in [0, 1]; "pt": (n, 3, H, W); "uint8": (n, H, W, 3), as diffusers' numpy_to_pil).
-        `report(**progress)` hears of each chunk."""
+        `report(**progress)` hears of each chunk. With a process `group` the chunks are dealt round-robin and rank 0
+        alone yields them all, in order."""
         device, dtype, n = self._execution_device, self.vae.dtype, len(latents)
-        for i in self._bar(range(0, n, decode_chunk_size), desc=desc):
+
+        def decode(i):
             if report is not None:
                 report(stage="decoding", done=i, total=n)
             z = torch.from_numpy(np.ascontiguousarray(latents.read(i, i + decode_chunk_size)))
@@ -771,16 +785,23 @@ class DiffutoonPipeline(
             chunk = self.video_processor.postprocess(pixels, output_type="pt" if output_type == "pt" else "np")
             if output_type == "uint8":
                 chunk = (chunk * 255).round().astype(np.uint8)
-            yield chunk.cpu() if output_type == "pt" else chunk
+            return chunk.cpu() if output_type == "pt" else chunk
+
+        chunks = map_chunks(group, "decoding", range(0, n, decode_chunk_size), decode, dst=0)
+        for _, chunk in self._bar(chunks, total=-(-n // decode_chunk_size), desc=desc):
+            yield chunk
 
     @torch.no_grad()
-    def decode_latents(self, latents, decode_chunk_size: int = 8, output_type: str = "pil", report=None):
+    def decode_latents(self, latents, decode_chunk_size: int = 8, output_type: str = "pil", report=None, group=None):
         """Decode latents (1, C, N, h, w), or a latent frame array (N, C, h, w), a chunk of frames at a time into
-        `output_type` frames ("pil", "np", "pt", or "uint8": an array (N, H, W, 3), a quarter of "np")."""
+        `output_type` frames ("pil", "np", "pt", or "uint8": an array (N, H, W, 3), a quarter of "np"). With a process
+        `group`, every rank decodes its share and rank 0 gets the frames (the others None)."""
         if isinstance(latents, torch.Tensor):
             latents = HostFrames(latents[0].transpose(0, 1).numpy())
         kind = "uint8" if output_type == "pil" else output_type
-        chunks = list(self._decoded(latents, decode_chunk_size, kind, report=report))
+        chunks = list(self._decoded(latents, decode_chunk_size, kind, report=report, group=group))
+        if not chunks:  # another process (rank 0) has the frames
+            return None
         if output_type == "pil":
             return [PIL.Image.fromarray(frame) for chunk in chunks for frame in chunk]
         return torch.cat(chunks) if output_type == "pt" else np.concatenate(chunks)
@@ -945,6 +966,7 @@ class DiffutoonPipeline(
         output_path: str | os.PathLike | None = None,
         fps: float | None = None,
         progress_callback: Callable[[dict], None] | None = None,
+        distributed: bool | None = None,
     ):
         r"""Render `video` in the toon style.
 
@@ -990,6 +1012,11 @@ class DiffutoonPipeline(
                 returning them; `fps` defaults to the source file's. The source file's audio is kept.
             progress_callback: `fn(progress: dict)` after every window and stage change: stage, pass, step, steps,
                 window, windows, done, total, eta_seconds... (the dict `render_dir/progress.json` holds).
+            distributed (None): a call made inside an initialised torch.distributed process group of several processes
+                (torchrun; every process makes the same call) splits the render over them, bit-identical to one
+                process: each runs a share of the windows of every step and of the per-frame work; rank 0 alone owns
+                `render_dir` and writes `output_path`, and gets the frames (the others get `frames=None`). False: each
+                process renders on its own; True: require a process group. See README "Several GPUs".
 
         Setting `pipe._interrupt = True` (from a callback or another thread) stops at the next window. With
         `render_dir`, the call then returns `frames=None, interrupted=True` and the folder resumes it later;
@@ -1043,7 +1070,7 @@ class DiffutoonPipeline(
             cond = DiffutoonConditions(prompt_embeds, negative_prompt_embeds, control_frames,
                                        _per_net(controlnet_conditioning_scale, len(kinds)),
                                        sliding_windows(len(source), context_length, context_stride), guidance_scale,
-                                       batch_cfg, cross_attention_kwargs, reuse=reuse_across_windows)
+                                       batch_cfg, cross_attention_kwargs, reuse=reuse_across_windows, group=run.group)
 
             # 6. Timesteps
             timesteps = self._timesteps(self.scheduler, num_inference_steps, strength, self._execution_device)
@@ -1116,11 +1143,33 @@ class DiffutoonPipeline(
     def _open_render(self, render_dir, fresh: bool, progress_callback, arguments: dict, source, height: int,
                      width: int, edit_settings: dict):
         """`InMemoryRender` without a folder; else a `RenderFolder` whose identity (every setting that changes the
-        result, the input, the models, the versions) must match the folder's to resume it."""
-        if render_dir is None:
+        result, the input, the models, the versions) must match the folder's to resume it. Inside a process group
+        (`distributed`), every process must be given the same render, and rank 0 alone holds the folder."""
+        group = process_group(arguments["distributed"])
+        if render_dir is None and group is None:
             return InMemoryRender(progress_callback)
+        identity = self._render_identity(arguments, source, edit_settings)
+
+        def open_run(persists: bool = True):
+            if render_dir is None or not persists:
+                return InMemoryRender(progress_callback)
+            needed = _folder_bytes(len(source), height, width, len(self.controlnets), self.vae_scale_factor,
+                                   edit_settings, len(self.edit_controlnets))
+            return RenderFolder(render_dir, identity, fresh, progress_callback, needed, keep=arguments["keep_render_dir"])
+
+        if group is None:
+            return open_run()
+        windows = {"conditions/": sliding_windows(len(source), arguments["context_length"], arguments["context_stride"])}
+        if edit_settings:  # each process makes the condition frames its windows read
+            windows["edit/conditions/"] = sliding_windows(len(source), edit_settings["context_length"],
+                                                          edit_settings["context_stride"])
+        call = {k: arguments[k] is not None for k in ("render_dir", "output_path")}
+        return open_shared_run(group, {**identity, "call": call}, open_run, windows, CHUNK)
+
+    def _render_identity(self, arguments: dict, source, edit_settings: dict) -> dict:
+        """Every setting that changes the result, the input, the models, the versions."""
         ignored = ("self", "video", "output_type", "return_dict", "callback_on_step_end", "render_dir", "fresh",
-                   "keep_render_dir", "output_path", "fps", "progress_callback", "edit_kwargs")
+                   "keep_render_dir", "output_path", "fps", "progress_callback", "edit_kwargs", "distributed")
         settings = {k: _identity_value(v) for k, v in arguments.items() if k not in ignored}
         settings["edit"] = {k: _identity_value(v) for k, v in edit_settings.items()}
         settings["scheduler"] = [type(self.scheduler).__name__,
@@ -1132,10 +1181,7 @@ class DiffutoonPipeline(
         models = {name: module_fingerprint(module) for name, module in self.components.items()
                   if isinstance(module, torch.nn.Module)}
         models["tokenizer"] = len(self.tokenizer)
-        identity = {"settings": settings, "input": source.identity(), "models": models, "versions": _versions()}
-        needed = _folder_bytes(len(source), height, width, len(self.controlnets), self.vae_scale_factor, edit_settings,
-                               len(self.edit_controlnets))
-        return RenderFolder(render_dir, identity, fresh, progress_callback, needed, keep=arguments["keep_render_dir"])
+        return {"settings": settings, "input": source.identity(), "models": models, "versions": _versions()}
 
     def _initial_latents(self, run, name: str, scheduler, timesteps, source, height: int, width: int, latents,
                          generator, strength: float, chunk_size: int, one_sample: bool = False, cond=None):
@@ -1159,10 +1205,12 @@ class DiffutoonPipeline(
             frames.write(0, _host_randn((1, c, 1, h, w), generator)[0].transpose(0, 1).expand(n, -1, -1, -1).numpy())
         else:
             randn_into(frames, generator)  # the numbers of one host draw of (1, C, N, h, w), a piece at a time
-        for start in range(0, n, chunk_size):  # the same VAE batches as `encode_video`
+        starts = range(0, n, chunk_size)  # the same VAE batches as `encode_video`; split over a process group
+        encode = lambda s: self.encode_video(source.resized(s, s + chunk_size, height, width), chunk_size)  # noqa: E731
+        encoded = map_chunks(run.group, "encoding", starts, encode) if strength < 1 else ((s, None) for s in starts)
+        for start, x0 in encoded:
             noise = torch.from_numpy(frames.read(start, start + chunk_size))
-            if strength < 1:  # diffusers' img2img: add_noise scales the noise itself
-                x0 = self.encode_video(source.resized(start, start + chunk_size, height, width), chunk_size)
+            if x0 is not None:  # diffusers' img2img: add_noise scales the noise itself
                 frames.write(start, scheduler.add_noise(x0[0].transpose(0, 1), noise, timesteps[:1]).numpy())
             elif scheduler.init_noise_sigma != 1:
                 frames.write(start, (noise * scheduler.init_noise_sigma).numpy())
@@ -1177,7 +1225,7 @@ class DiffutoonPipeline(
         num_windows, num_steps = len(cond.windows), len(timesteps)
         with self._bar(total=(num_steps - first_step) * num_windows, desc=desc) as bar:
             for i, t in enumerate(timesteps[first_step:], start=first_step):
-                if self.interrupt:
+                if self.interrupt and cond.group is None:  # a process group stops together, in `denoise`
                     return latents, False
                 windows_done = iter(range(1, num_windows + 1))
 
@@ -1231,11 +1279,15 @@ class DiffutoonPipeline(
         if output_type == "latent":
             return _video_latents(latents).contiguous().clone()
         if output_path is None:  # diffusers' batch of one video
-            frames = self.decode_latents(latents, decode_chunk_size, output_type, report=run.report)
-            return [frames] if output_type == "pil" else frames[None]
+            frames = self.decode_latents(latents, decode_chunk_size, output_type, report=run.report, group=run.group)
+            return None if frames is None else [frames] if output_type == "pil" else frames[None]
         vio = _import("diffutoon.video", "Writing output_path")
         clip = source.clip if getattr(source.clip, "audio", False) else None  # a video file's audio goes along
-        chunks = self._decoded(latents, decode_chunk_size, "uint8", report=run.report)
+        chunks = self._decoded(latents, decode_chunk_size, "uint8", report=run.report, group=run.group)
+        if process_rank(run.group):  # rank 0 writes the file: this process decodes its share
+            for _ in chunks:
+                pass
+            return None
         vio.write_output(output_path, chunks, fps, audio_from=getattr(clip, "path", None),
                          audio_span=clip.audio_span() if clip is not None else None, overwrite=True,
                          progress=not getattr(self, "_progress_bar_config", {}).get("disable", False), total=n)
@@ -1362,7 +1414,7 @@ class DiffutoonPipeline(
         scheduler = scheduler or DiffutoonDDIMScheduler(beta_schedule="scaled_linear")
         if run.stage_done("edit"):  # the generator as it was after the branch drew its noise
             _restore(None, generator, run.resume("edit")[2])
-            return colors
+            return broadcast_frames(run.group, colors, "sharing the colour video")
         frames, written = run.frames("edit/frames", (n, height, width, 3), np.uint8)  # the video at the branch's size
         for chunk, start in enumerate(range(0, n, CHUNK)):
             if not written.done(chunk):
@@ -1378,7 +1430,7 @@ class DiffutoonPipeline(
                                    _per_net(controlnet_conditioning_scale, len(kinds)),
                                    sliding_windows(n, context_length, context_stride), guidance_scale,
                                    cross_attention_kwargs=cross_attention_kwargs, branch="edit",
-                                   reuse=reuse_across_windows)
+                                   reuse=reuse_across_windows, group=run.group)
         timesteps = self._timesteps(scheduler, num_inference_steps, strength, self._execution_device)
         # ONE noise sample for every frame (SPEC 2), the img2img start at the first timestep
         latents, first_step = self._initial_latents(run, "edit", scheduler, timesteps, frames, height, width, None,
@@ -1395,9 +1447,10 @@ class DiffutoonPipeline(
             return None
         decoded = colors if fastblend is False else run.frames("edit/decoded", colors.shape, np.uint8)[0]
         for i, chunk in enumerate(self._decoded(latents, decode_chunk_size, "uint8", report=run.report,
-                                                desc="decoding the colour video")):
+                                                desc="decoding the colour video", group=run.group)):
             decoded.write(i * decode_chunk_size, chunk)
-        if fastblend is not False:
+        # FastBlend's matches share one random stream, so splitting them would change the result: rank 0 alone
+        if fastblend is not False and not process_rank(run.group):
             smooth_video = _import("fastblend", "The editing branch's deflickering (pass fastblend=False to skip it)"
                                    ).smooth_video
             run.report(stage="fastblend", **{"pass": "edit"}, done=0, total=n)
@@ -1406,7 +1459,7 @@ class DiffutoonPipeline(
             smooth_video(_frames_array(decoded), _frames_array(frames.clip), progress=progress,
                          out=_frames_array(colors, writable=True), **options)  # each frame written as it is done
         run.finish_stage("edit")
-        return colors
+        return broadcast_frames(run.group, colors, "sharing the colour video")
 
 
 def _as_source(video) -> _VideoSource:

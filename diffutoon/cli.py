@@ -317,6 +317,34 @@ def _torch_setup(args):
     return device, getattr(torch, dtype)
 
 
+def _join_torchrun(args):
+    """Under torchrun (WORLD_SIZE > 1) join its process group: NCCL on this process's GPU (LOCAL_RANK), gloo on CPU,
+    timeout DIFFUTOON_DIST_TIMEOUT seconds (default 1800). The pipeline then splits the render over the processes,
+    bit-identical to one; ranks other than 0 render their share quietly. Returns this process's rank."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return 0
+    import atexit
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+    if cuda:
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(args.device)
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=float(os.environ.get("DIFFUTOON_DIST_TIMEOUT", 1800)))
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout,
+                                device_id=torch.device(args.device) if cuda else None)
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+    if dist.get_rank():
+        args.quiet = True  # one progress display and one "wrote" line: rank 0's
+    return dist.get_rank()
+
+
 def _import_pipeline():
     try:
         import pipeline_diffutoon
@@ -349,6 +377,13 @@ def _run_pipeline(args, pipe, clip, detector, edit_extra=None, **extra):
     return pipe(**kwargs)
 
 
+def _torchrun_rank() -> int:
+    """This process's rank in a torchrun process group, 0 without one."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def _work_dir(args, out):
     """The render folder: --work-dir, or <output>.parts beside the output; None with --in-memory."""
     if args.in_memory:
@@ -373,6 +408,8 @@ def _render(args, reader, indices, out, pipe, detector, edit_extra=None):
         if isinstance(error, KeyboardInterrupt):
             raise KeyboardInterrupt(kept) from error
         raise CLIError(f"{_one_line(error)}; {kept} (--fresh starts over)") from error
+    if _torchrun_rank():  # torchrun: rank 0 writes the output and speaks
+        return
     if not args.quiet:
         print(f"rendered {len(indices)} frames of {width}x{height} in {time.time() - t:.1f} s", file=sys.stderr)
     what = f"{len(indices)} frames at {fps:g} fps ({len(indices) / fps:.2f} s)"
@@ -546,6 +583,7 @@ def _naming(option, source, what):
 
 # ---------------------------------------------------------------------------------------------- commands
 def cmd_render(args):
+    _join_torchrun(args)  # torchrun --nproc-per-node=K: K processes split this render; rank 0 writes the output
     reader, indices = _open_input(args)
     out = _output_path(args, f"{args.input.stem}-diffutoon.mp4")
     _check_sizes(args, reader)

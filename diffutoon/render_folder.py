@@ -233,6 +233,7 @@ class InMemoryRender:
     """A render with no folder: frame arrays in host memory, no checkpoints, progress to the callback only."""
 
     completed = False  # set once the output is complete: only then does a folder go
+    group = None  # diffutoon.distributed.Group when the render is split over processes (a SharedRun says so)
 
     def __init__(self, progress_callback=None):
         self.progress_callback = progress_callback
