@@ -16,12 +16,12 @@ and the schedules are composed from them for a video of N frames with windows w 
 
     reference (every window runs everything; CFG as two sweeps) = B sum_w (U(f_w) + K C f_w)
     ours, reuse off (both branches in one batch)                = the same
-    ours, reuse on  = B sum_w (U(f_w) - f_w (P_in + P_1)) + N (P_in + B P_1) + B N K C     (main pass)
+    ours, reuse on  = B sum_w (U(f_w) - f_w (P_in + P_1)) + B N (P_in + P_1) + B N K C     (main pass)
                     = B sum_w E(f_w) + B N K C                                              (editing branch)
     floor (issue)   = B sum_w U(f_w) + B N K C   (UNet once per window a frame is in, ControlNets once per frame)
 
-with K ControlNets, P_in = conv_in per frame (branch-independent), P_1 = first ResNet + first transformer per
-frame and branch. A render adds T steps and the VAE: main pass T S + N decode, editing branch T S + N (encode +
+with K ControlNets, P_in = conv_in and P_1 = first ResNet + first transformer, per frame and branch (the pipeline
+computes the prefix through the UNet's own forward, both branches batched, stopped after the first transformer). A render adds T steps and the VAE: main pass T S + N decode, editing branch T S + N (encode +
 decode). Per output frame = divided by N.
 
 Then, for honesty, the schedule the pipeline really runs is counted: the real denoiser with tiny models
@@ -200,7 +200,7 @@ def step_flops(costs, windows, num_frames, controlnets, branches, schedule):
     prefix = lambda f: unet[f]["conv_in"] + unet[f]["first"]
     saved = sum(branches * (e - s) * prefix(e - s) for s, e in windows)
     f0 = windows[0][1] - windows[0][0]
-    return floor - saved + num_frames * (unet[f0]["conv_in"] + branches * unet[f0]["first"])
+    return floor - saved + branches * num_frames * prefix(f0)
 
 
 def frame_counts(windows, num_frames, branches, schedule, edit=False):
@@ -213,7 +213,7 @@ def frame_counts(windows, num_frames, branches, schedule, edit=False):
     if schedule == "reuse":
         counts["controlnet"] = branches * num_frames
         if not edit:
-            counts.update(conv_in=num_frames, resnet0=branches * num_frames, attention0=branches * num_frames)
+            counts.update(conv_in=branches * num_frames, resnet0=branches * num_frames, attention0=branches * num_frames)
     return counts
 
 
@@ -263,7 +263,8 @@ def measure_schedule(num_frames=28, size=64, steps=3, edit=False, reuse=None, se
     pipe.set_progress_bar_config(disable=True)
     nets = pipe.edit_controlnets if edit else pipe.controlnets
     unet = pipe.unet
-    watched = dict(controlnet=nets, unet=[unet], conv_in=[unet.conv_in], resnet0=[unet.down_blocks[0].resnets[0]],
+    # "unet": whole forwards, counted at its last layer (the reused prefix runs a forward that stops early)
+    watched = dict(controlnet=nets, unet=[unet.conv_out], conv_in=[unet.conv_in], resnet0=[unet.down_blocks[0].resnets[0]],
                    attention0=[unet.down_blocks[0].attentions[0]])
     if not edit:
         watched["motion0"] = [unet.down_blocks[0].motion_modules[0]]

@@ -28,8 +28,8 @@ def brute_force(num_frames, d, s, branches, k, schedule, edit):
         elif not edit:
             total -= branches * f * (3 + 5)  # the prefix leaves the window call ...
     if schedule == "reuse":
-        for frame in range(num_frames):  # ... and runs once per frame: conv_in shared by the branches
-            total += branches * k * 7 + (0 if edit else 3 + branches * 5)
+        for frame in range(num_frames):  # ... and runs once per frame and branch
+            total += branches * k * 7 + (0 if edit else branches * (3 + 5))
     return total
 
 
