@@ -38,7 +38,6 @@ def _edges(image, detect_resolution=None, image_resolution=None):
 
 def one_run(mode: str, frames: int, size: int, source: str, folder: str, annotator: str) -> dict:
     """Runs in its own process: the peak is this process's alone."""
-    import numpy as np
     import torch
 
     from diffutoon import video as vio
@@ -58,9 +57,8 @@ def one_run(mode: str, frames: int, size: int, source: str, folder: str, annotat
     if mode == "streamed":
         pipe(video=clip, render_dir=folder, output_path=Path(folder).with_suffix(".mp4"), **common)
     else:
-        out = pipe(video=video, output_type="np", **common).frames[0]
-        frames_out = vio.to_uint8(out)
-        del out, frames_out
+        frames = vio.to_uint8(pipe(video=video, output_type="np", **common).frames[0])  # what a caller then holds
+        assert len(frames) == len(video)
     seconds = time.time() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"mode": mode, "frames": frames, "size": size, "seconds": round(seconds, 1),

@@ -53,3 +53,20 @@ def save_sd15_folder(folder, parts):
     for i, net in enumerate(parts["controlnet"]):
         net.save_pretrained(folder / f"cn{i}")
     return folder / "sd15"
+
+
+@pytest.fixture(scope="session")
+def job_pipe():
+    """The tiny pipeline of tests/render_job.py (editing ControlNets included), shared by the render-folder and
+    distributed tests."""
+    from render_job import build
+
+    return build()
+
+
+@pytest.fixture(scope="session")
+def job_reference(job_pipe):
+    """render_job.py's render with everything in one process's memory: the main pass, and with the editing branch."""
+    from render_job import job
+
+    return {"main": job_pipe(**job()).frames[0], "edit": job_pipe(**job(edit=True)).frames[0]}

@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import make_video
-from render_job import SIZE, build, job
+from render_job import SIZE, job
 
 from diffutoon import video as vio
 from diffutoon.distributed import Group, broadcast_frames, map_chunks, process_group, shares
@@ -33,15 +33,14 @@ WAIT = 240  # seconds a test waits for its processes to stop on their own: a han
 _spawns = itertools.count()
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    return build()
+@pytest.fixture
+def pipe(job_pipe):
+    return job_pipe
 
 
-@pytest.fixture(scope="module")
-def reference(pipe):
-    """One process: the main pass, and with the editing branch."""
-    return {"main": pipe(**job()).frames[0], "edit": pipe(**job(edit=True)).frames[0]}
+@pytest.fixture
+def reference(job_reference):
+    return job_reference
 
 
 def _worker(rank, world, folder, fn, args):

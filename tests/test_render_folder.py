@@ -24,15 +24,14 @@ JOB = Path(__file__).with_name("render_job.py")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    return build()
+@pytest.fixture
+def pipe(job_pipe):
+    return job_pipe
 
 
-@pytest.fixture(scope="module")
-def reference(pipe):
-    """Uninterrupted renders with everything in host memory: the main pass, and with the editing branch."""
-    return {"main": pipe(**job()).frames[0], "edit": pipe(**job(edit=True)).frames[0]}
+@pytest.fixture
+def reference(job_reference):
+    return job_reference
 
 
 def spawn(render_dir, out, *extra):
