@@ -71,10 +71,12 @@ def _import_names(module: str, *names: str):
 try:  # the installed package: one class, whatever loaded this file (saved pipelines name its module)
     DiffutoonDDIMScheduler, ddim_step, diffutoon_timesteps = _import_names(
         "diffutoon.scheduling", "DiffutoonDDIMScheduler", "ddim_step", "diffutoon_timesteps")
-    (CHUNK, HostFrames, InMemoryRender, RenderFolder, RenderFolderError, file_fingerprint, module_fingerprint,
-     randn_into, scheduler_state, tensor_fingerprint) = _import_names(
+    (CHUNK, HostFrames, InMemoryRender, RenderFolder, RenderFolderError, checkpoint_state, file_fingerprint,
+     folder_bytes, module_fingerprint, randn_into, restore_state, setting_identity, tensor_fingerprint,
+     versions) = _import_names(
         "diffutoon.render_folder", "CHUNK", "HostFrames", "InMemoryRender", "RenderFolder", "RenderFolderError",
-        "file_fingerprint", "module_fingerprint", "randn_into", "scheduler_state", "tensor_fingerprint")
+        "checkpoint_state", "file_fingerprint", "folder_bytes", "module_fingerprint", "randn_into", "restore_state",
+        "setting_identity", "tensor_fingerprint", "versions")
     WindowReuse, compute_prefix, has_prefix = _import_names("diffutoon.reuse", "WindowReuse", "compute_prefix",
                                                             "has_prefix")
     DistributedError, broadcast_frames, map_chunks, open_shared_run, process_group, process_rank = _import_names(
@@ -86,8 +88,9 @@ except ImportError:
     # custom_pipeline=<this file> in a checkout that is not pip-installed: diffusers copied these files beside it
     from .diffutoon.scheduling import DiffutoonDDIMScheduler, ddim_step, diffutoon_timesteps  # noqa: F401
     from .diffutoon.render_folder import (CHUNK, HostFrames, InMemoryRender, RenderFolder,  # noqa: F401
-                                          RenderFolderError, file_fingerprint, module_fingerprint, randn_into,
-                                          scheduler_state, tensor_fingerprint)
+                                          RenderFolderError, checkpoint_state, file_fingerprint, folder_bytes,
+                                          module_fingerprint, randn_into, restore_state, setting_identity,
+                                          tensor_fingerprint, versions)
     from .diffutoon.reuse import WindowReuse, compute_prefix, has_prefix
     from .diffutoon.distributed import (DistributedError, broadcast_frames, map_chunks,  # noqa: F401
                                         open_shared_run, process_group, process_rank)
@@ -1153,7 +1156,7 @@ class DiffutoonPipeline(
         def open_run(persists: bool = True):
             if render_dir is None or not persists:
                 return InMemoryRender(progress_callback)
-            needed = _folder_bytes(len(source), height, width, len(self.controlnets), self.vae_scale_factor,
+            needed = folder_bytes(len(source), height, width, len(self.controlnets), self.vae_scale_factor,
                                    edit_settings, len(self.edit_controlnets))
             return RenderFolder(render_dir, identity, fresh, progress_callback, needed, keep=arguments["keep_render_dir"])
 
@@ -1170,10 +1173,10 @@ class DiffutoonPipeline(
         """Every setting that changes the result, the input, the models, the versions."""
         ignored = ("self", "video", "output_type", "return_dict", "callback_on_step_end", "render_dir", "fresh",
                    "keep_render_dir", "output_path", "fps", "progress_callback", "edit_kwargs", "distributed")
-        settings = {k: _identity_value(v) for k, v in arguments.items() if k not in ignored}
-        settings["edit"] = {k: _identity_value(v) for k, v in edit_settings.items()}
+        settings = {k: setting_identity(v) for k, v in arguments.items() if k not in ignored}
+        settings["edit"] = {k: setting_identity(v) for k, v in edit_settings.items()}
         settings["scheduler"] = [type(self.scheduler).__name__,
-                                 _identity_value({k: v for k, v in self.scheduler.config.items() if k[0] != "_"})]
+                                 setting_identity({k: v for k, v in self.scheduler.config.items() if k[0] != "_"})]
         settings["pipeline"] = {"controlnet_conditions": self.config.controlnet_conditions,
                                 "edit_controlnet_conditions": self.config.edit_controlnet_conditions,
                                 "dtype": str(self.unet.dtype), "device": self._execution_device.type,
@@ -1181,7 +1184,7 @@ class DiffutoonPipeline(
         models = {name: module_fingerprint(module) for name, module in self.components.items()
                   if isinstance(module, torch.nn.Module)}
         models["tokenizer"] = len(self.tokenizer)
-        return {"settings": settings, "input": source.identity(), "models": models, "versions": _versions()}
+        return {"settings": settings, "input": source.identity(), "models": models, "versions": versions()}
 
     def _initial_latents(self, run, name: str, scheduler, timesteps, source, height: int, width: int, latents,
                          generator, strength: float, chunk_size: int, one_sample: bool = False, cond=None):
@@ -1192,7 +1195,7 @@ class DiffutoonPipeline(
         resumed = run.resume(name)
         if resumed is not None:
             step, frames, state = resumed
-            _restore(scheduler, generator, state, self, cond)
+            restore_state(scheduler, generator, state, self, cond)
             if step:
                 logger.warning(f"resuming the {name} pass at step {step + 1} of {len(timesteps)}")
             return frames, step
@@ -1214,7 +1217,7 @@ class DiffutoonPipeline(
                 frames.write(start, scheduler.add_noise(x0[0].transpose(0, 1), noise, timesteps[:1]).numpy())
             elif scheduler.init_noise_sigma != 1:
                 frames.write(start, (noise * scheduler.init_noise_sigma).numpy())
-        run.checkpoint(name, 0, frames, _state(scheduler, generator))
+        run.checkpoint(name, 0, frames, checkpoint_state(scheduler, generator))
         return frames, 0
 
     def _sample(self, run, name: str, latents, first_step: int, timesteps, cond: DiffutoonConditions, scheduler,
@@ -1244,7 +1247,7 @@ class DiffutoonPipeline(
                 latents = self._step(scheduler, noise, t, latents, run.latents(name, i + 1, latents.shape))
                 if callback is not None:
                     self._callback(callback, callback_inputs, i, t, latents, cond)
-                run.checkpoint(name, i + 1, latents, _state(scheduler, generator, self._guidance_scale, cond))
+                run.checkpoint(name, i + 1, latents, checkpoint_state(scheduler, generator, self._guidance_scale, cond))
         return latents, True
 
     @staticmethod
@@ -1413,7 +1416,7 @@ class DiffutoonPipeline(
         colors = run.frames("edit/colors", (n, height, width, 3), np.uint8)[0]
         scheduler = scheduler or DiffutoonDDIMScheduler(beta_schedule="scaled_linear")
         if run.stage_done("edit"):  # the generator as it was after the branch drew its noise
-            _restore(None, generator, run.resume("edit")[2])
+            restore_state(None, generator, run.resume("edit")[2])
             return broadcast_frames(run.group, colors, "sharing the colour video")
         frames, written = run.frames("edit/frames", (n, height, width, 3), np.uint8)  # the video at the branch's size
         for chunk, start in enumerate(range(0, n, CHUNK)):
@@ -1474,69 +1477,6 @@ def _frames_array(frames, writable: bool = False) -> np.ndarray:
 def _video_latents(latents) -> torch.Tensor:
     """A latent frame array (N, C, h, w) as diffusers' video latents (1, C, N, h, w): a view when in memory."""
     return torch.from_numpy(_frames_array(latents)).transpose(0, 1)[None]
-
-
-def _state(scheduler, generator, guidance_scale=None, cond=None) -> dict:
-    """What a checkpoint keeps besides the latents, for a resume that continues exactly where the render stopped: the
-    scheduler's and the generator's states, and what a step-end callback may have changed (guidance, embeddings)."""
-    return {"scheduler": scheduler_state(scheduler) if scheduler is not None else None,
-            "generator": generator.get_state() if isinstance(generator, torch.Generator) else None,
-            "guidance_scale": guidance_scale,
-            "embeds": None if cond is None else (cond.prompt_embeds, cond.negative_prompt_embeds)}
-
-
-def _restore(scheduler, generator, state: dict | None, pipe=None, cond=None):
-    if not state:
-        return
-    if scheduler is not None and state.get("scheduler") is not None:
-        vars(scheduler).update(state["scheduler"])
-    if isinstance(generator, torch.Generator) and state.get("generator") is not None:
-        generator.set_state(state["generator"])
-    if cond is not None and state.get("embeds") is not None:
-        cond.prompt_embeds, cond.negative_prompt_embeds = state["embeds"]
-        pipe._guidance_scale = state["guidance_scale"]
-
-
-def _identity_value(value):
-    """A setting as the render folder's manifest records it: JSON values as they are, tensors, arrays, frame lists and
-    generators by a fingerprint of their content, other objects by their type."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, dict):
-        return {str(k): _identity_value(v) for k, v in value.items()}
-    if isinstance(value, torch.Generator):
-        return f"generator {tensor_fingerprint(value.get_state())}"
-    if isinstance(value, (torch.Tensor, np.ndarray)):
-        return f"tensor {tensor_fingerprint(value)}"
-    if isinstance(value, (list, tuple)):
-        if value and isinstance(value[0], PIL.Image.Image):
-            return f"frames {tensor_fingerprint(np.stack([np.asarray(f) for f in value]))}"
-        return [_identity_value(v) for v in value]
-    return type(value).__name__
-
-
-def _versions() -> dict:
-    """The versions whose numerics a resume must share to be bit-identical."""
-    import diffusers
-    import transformers
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        ours = version("diffutoon")
-    except PackageNotFoundError:  # the pipeline file loaded from a Hub folder
-        ours = "unknown"
-    return {"diffutoon": ours, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-            "torch": torch.__version__}
-
-
-def _folder_bytes(n: int, height: int, width: int, nets: int, factor: int, edit: dict, edit_nets: int) -> int:
-    """About what a render folder holds at most: condition frames, checkpoints and the accumulator."""
-    latents = n * 4 * (height // factor) * (width // factor) * 4
-    total = n * height * width * 3 * nets + latents * 4  # 2 checkpoints, the one being written, the accumulator
-    if edit:
-        eh, ew = edit["height"], edit["width"]
-        total += n * eh * ew * 3 * (3 + edit_nets) + n * 4 * (eh // factor) * (ew // factor) * 4 * 4
-    return total
 
 
 def _per_net(scale, num_nets: int) -> list[float]:

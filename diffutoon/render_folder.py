@@ -581,3 +581,67 @@ def file_fingerprint(path) -> dict:
             f.seek(size - (1 << 20))
             digest.update(f.read())
     return {"bytes": size, "sha256_head_tail": digest.hexdigest()[:16]}
+
+
+def checkpoint_state(scheduler, generator, guidance_scale=None, cond=None) -> dict:
+    """What a checkpoint keeps besides the latents, for a resume that continues exactly where the render stopped: the
+    scheduler's and the generator's states, and what a step-end callback may have changed (guidance, embeddings)."""
+    return {"scheduler": scheduler_state(scheduler) if scheduler is not None else None,
+            "generator": generator.get_state() if isinstance(generator, torch.Generator) else None,
+            "guidance_scale": guidance_scale,
+            "embeds": None if cond is None else (cond.prompt_embeds, cond.negative_prompt_embeds)}
+
+
+def restore_state(scheduler, generator, state: dict | None, pipe=None, cond=None):
+    """Put back what `checkpoint_state` kept (the callbacks' changes into `pipe` and `cond`, when given)."""
+    if not state:
+        return
+    if scheduler is not None and state.get("scheduler") is not None:
+        vars(scheduler).update(state["scheduler"])
+    if isinstance(generator, torch.Generator) and state.get("generator") is not None:
+        generator.set_state(state["generator"])
+    if cond is not None and state.get("embeds") is not None:
+        cond.prompt_embeds, cond.negative_prompt_embeds = state["embeds"]
+        pipe._guidance_scale = state["guidance_scale"]
+
+
+def setting_identity(value):
+    """A setting as the render folder's manifest records it: JSON values as they are, tensors, arrays, frame lists and
+    generators by a fingerprint of their content, other objects by their type."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): setting_identity(v) for k, v in value.items()}
+    if isinstance(value, torch.Generator):
+        return f"generator {tensor_fingerprint(value.get_state())}"
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return f"tensor {tensor_fingerprint(value)}"
+    if isinstance(value, (list, tuple)):
+        if value and hasattr(value[0], "convert") and hasattr(value[0], "size"):  # PIL images
+            return f"frames {tensor_fingerprint(np.stack([np.asarray(f) for f in value]))}"
+        return [setting_identity(v) for v in value]
+    return type(value).__name__
+
+
+def versions() -> dict:
+    """The versions whose numerics a resume must share to be bit-identical."""
+    import diffusers
+    import transformers
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ours = version("diffutoon")
+    except PackageNotFoundError:  # the pipeline file loaded from a Hub folder
+        ours = "unknown"
+    return {"diffutoon": ours, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+            "torch": torch.__version__}
+
+
+def folder_bytes(n: int, height: int, width: int, nets: int, factor: int, edit: dict, edit_nets: int) -> int:
+    """About what a render folder holds at most: condition frames, checkpoints and the accumulator."""
+    latents = n * 4 * (height // factor) * (width // factor) * 4
+    total = n * height * width * 3 * nets + latents * 4  # 2 checkpoints, the one being written, the accumulator
+    if edit:
+        eh, ew = edit["height"], edit["width"]
+        total += n * eh * ew * 3 * (3 + edit_nets) + n * 4 * (eh // factor) * (ew // factor) * 4 * 4
+    return total
