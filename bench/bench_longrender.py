@@ -57,8 +57,8 @@ def one_run(mode: str, frames: int, size: int, source: str, folder: str, annotat
     if mode == "streamed":
         pipe(video=clip, render_dir=folder, output_path=Path(folder).with_suffix(".mp4"), **common)
     else:
-        frames = vio.to_uint8(pipe(video=video, output_type="np", **common).frames[0])  # what a caller then holds
-        assert len(frames) == len(video)
+        result = vio.to_uint8(pipe(video=video, output_type="np", **common).frames[0])  # what a caller then holds
+        assert len(result) == frames
     seconds = time.time() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"mode": mode, "frames": frames, "size": size, "seconds": round(seconds, 1),
