@@ -26,7 +26,6 @@ peak in the UNet.
 """
 
 import argparse
-import contextlib
 import json
 import os
 import sys

@@ -209,10 +209,6 @@ class ChunkLog:
             f.seek(chunk)
             return f.read(1) == b"\x01"
 
-    def all_done(self) -> bool:
-        data = self.bytes if self.path is None else Path(self.path).read_bytes()
-        return all(data)
-
     def mark(self, chunk: int):
         if self.path is None:
             self.bytes[chunk] = 1

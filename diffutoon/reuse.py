@@ -14,7 +14,7 @@ Only torch is imported here: the module ships beside the pipeline file.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Callable
 
 import torch
@@ -92,7 +92,7 @@ class WindowReuse:
     def unet_prefix(self, unet, key: str, branches: int, start: int, end: int):
         """A context in which `unet` takes its first layers' outputs for frames [start, end) from the cache."""
         if self._prefix is None:
-            return _nothing()
+            return nullcontext()
         conv, attention = self._cache("prefix", key, branches).get(start, end)
         return injected_prefix(unet, conv, attention)
 
@@ -103,11 +103,6 @@ class WindowReuse:
     @property
     def peak_frames(self) -> int:
         return max((cache.peak_frames for cache in self.caches.values()), default=0)
-
-
-@contextmanager
-def _nothing():
-    yield
 
 
 # ---------------------------------------------------------------------------------------------------------------
