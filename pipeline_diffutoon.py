@@ -617,6 +617,7 @@ class DiffutoonPipeline(
         arrays = [run.frames(f"{prefix}conditions/{i}-{kind}", (n, height, width, 3), np.uint8)
                   for i, kind in enumerate(kinds)]
         given = conditioning_frames or [None] * len(kinds)
+        colors = None if colors is None else _as_source(colors)
         with self._bar(total=n, desc=f"{branch} conditions ({', '.join(kinds)})") as bar:
             for chunk, start in enumerate(range(0, n, CHUNK)):
                 end = min(start + CHUNK, n)
@@ -624,7 +625,7 @@ class DiffutoonPipeline(
                 video = source.resized(start, end, height, width) if todo else None
                 for i in todo:
                     if kinds[i] == "tile" and colors is not None:
-                        frames = _VideoSource(colors).resized(start, end, height, width)
+                        frames = colors.resized(start, end, height, width)
                     elif given[i] is not None:
                         frames = _resize_uint8(_video_to_uint8(given[i][start:end], "conditioning_frames"), height,
                                                width)

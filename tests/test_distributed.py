@@ -33,16 +33,6 @@ WAIT = 240  # seconds a test waits for its processes to stop on their own: a han
 _spawns = itertools.count()
 
 
-@pytest.fixture
-def pipe(job_pipe):
-    return job_pipe
-
-
-@pytest.fixture
-def reference(job_reference):
-    return job_reference
-
-
 def _worker(rank, world, folder, fn, args):
     code = 0
     try:
@@ -157,24 +147,24 @@ def scenarios(tmp_path):
     }
 
 
-def _render_scenarios(rank, pipe, tmp_path):
-    return {name: pipe(**kwargs).frames for name, kwargs in scenarios(tmp_path / "split").items()}
+def _render_scenarios(rank, job_pipe, tmp_path):
+    return {name: job_pipe(**kwargs).frames for name, kwargs in scenarios(tmp_path / "split").items()}
 
 
 def png_frames(folder):
     return np.stack([np.asarray(PIL.Image.open(p)) for p in sorted(Path(folder).glob("*.png"))])
 
 
-def test_two_processes_give_the_frames_of_one(pipe, reference, tmp_path):
-    results, errors, codes = spawn(2, tmp_path, _render_scenarios, pipe, tmp_path)
+def test_two_processes_give_the_frames_of_one(job_pipe, job_reference, tmp_path):
+    results, errors, codes = spawn(2, tmp_path, _render_scenarios, job_pipe, tmp_path)
     assert not errors and codes == [0, 0]
     for name, kwargs in scenarios(tmp_path / "one").items():
-        frames = reference[name] if name in reference else pipe(**kwargs).frames
+        frames = job_reference[name] if name in job_reference else job_pipe(**kwargs).frames
         if name == "img2img into png":  # streamed into a folder: rank 0 wrote it
             assert results[0][name] is None and results[1][name] is None
             assert np.array_equal(png_frames(tmp_path / "split" / "png"), png_frames(tmp_path / "one" / "png"))
             continue
-        expected = frames if name in reference else frames[0]
+        expected = frames if name in job_reference else frames[0]
         assert np.array_equal(results[0][name][0], expected), name
         if name == "alone":
             assert np.array_equal(results[1][name][0], expected)
@@ -182,27 +172,27 @@ def test_two_processes_give_the_frames_of_one(pipe, reference, tmp_path):
             assert results[1][name] is None, name  # rank 0 alone has the frames
 
 
-def test_off_gives_identical_output_without_a_group_or_with_one_process(pipe, reference, tmp_path):
+def test_off_gives_identical_output_without_a_group_or_with_one_process(job_pipe, job_reference, tmp_path):
     assert process_group() is None
     with pytest.raises(ValueError, match="needs an initialised torch.distributed process group"):
-        pipe(**job(), distributed=True)
+        job_pipe(**job(), distributed=True)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
     try:
         assert process_group() is None  # one process: nothing to split
-        frames = pipe(**job(), distributed=True).frames[0]
+        frames = job_pipe(**job(), distributed=True).frames[0]
     finally:
         dist.destroy_process_group()
-    assert np.array_equal(frames, reference["main"])
+    assert np.array_equal(frames, job_reference["main"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Faults
 
 
-def _faults(rank, pipe):
+def _faults(rank, job_pipe):
     seen = {}
     try:  # process 1 was given another prompt
-        pipe(**job(prompt="a boy" if rank else "a girl dancing"))
+        job_pipe(**job(prompt="a boy" if rank else "a girl dancing"))
     except Exception as e:
         seen["mismatch"] = f"{type(e).__name__}: {e}"
 
@@ -210,50 +200,50 @@ def _faults(rank, pipe):
         if rank == 1 and progress.get("stage") == "denoising" and progress.get("step") == 1:
             raise ValueError("boom")
     try:
-        pipe(**job(), progress_callback=fail)
+        job_pipe(**job(), progress_callback=fail)
     except Exception as e:
         seen["raised"] = f"{type(e).__name__}: {e}"
-    seen["after"] = pipe(**job(num_inference_steps=1)).frames  # the group still works
+    seen["after"] = job_pipe(**job(num_inference_steps=1)).frames  # the group still works
     return seen
 
 
-def test_a_rank_that_raises_or_was_given_another_render_stops_every_rank(pipe, tmp_path):
-    results, errors, codes = spawn(2, tmp_path, _faults, pipe)
+def test_a_rank_that_raises_or_was_given_another_render_stops_every_rank(job_pipe, tmp_path):
+    results, errors, codes = spawn(2, tmp_path, _faults, job_pipe)
     assert not errors and codes == [0, 0]
     for r in range(2):
         assert "DistributedError: process 1 of 2 was given another render than process 0: settings.prompt differ" \
             in results[r]["mismatch"]
     assert results[1]["raised"] == "ValueError: boom"
     assert results[0]["raised"].startswith("DistributedError: process 1 of 2 failed while denoising: ValueError: boom")
-    assert np.array_equal(results[0]["after"][0], pipe(**job(num_inference_steps=1)).frames[0])
+    assert np.array_equal(results[0]["after"][0], job_pipe(**job(num_inference_steps=1)).frames[0])
 
 
-def _killed(rank, pipe, folder, victim, edit):
+def _killed(rank, job_pipe, folder, victim, edit):
     def die(progress):
         where = (progress.get("pass"), progress.get("stage"), progress.get("step"), progress.get("window"))
         if rank == victim and where == ("main", "denoising", 1, 1):
             os.kill(os.getpid(), signal.SIGKILL)  # no cleanup: a crash, an out-of-memory kill, a lost node
-    pipe(**job(edit=edit), render_dir=folder, progress_callback=die)
+    job_pipe(**job(edit=edit), render_dir=folder, progress_callback=die)
 
 
-def _resumed(rank, pipe, folder, edit):
-    return pipe(**job(edit=edit), render_dir=folder).frames
+def _resumed(rank, job_pipe, folder, edit):
+    return job_pipe(**job(edit=edit), render_dir=folder).frames
 
 
 @pytest.mark.parametrize("victim, branch", [(1, "main"), (0, "edit")])  # "edit": its finished stage is resumed too
-def test_a_killed_rank_stops_the_other_and_the_render_resumes_with_one_or_two_processes(pipe, reference, tmp_path,
+def test_a_killed_rank_stops_the_other_and_the_render_resumes_with_one_or_two_processes(job_pipe, job_reference, tmp_path,
                                                                                         victim, branch):
     folder, edit = tmp_path / "render", branch == "edit"
-    results, errors, codes = spawn(2, tmp_path, _killed, pipe, folder, victim, edit)
+    results, errors, codes = spawn(2, tmp_path, _killed, job_pipe, folder, victim, edit)
     survivor = 1 - victim
     assert codes[victim] == -signal.SIGKILL and codes[survivor] == 1
     assert errors[survivor].startswith(f"DistributedError: process {survivor} of 2 lost contact with the others")
     assert "run the same command again, with any number of processes, to resume" in errors[survivor]
     copy = tmp_path / "copy"
     shutil.copytree(folder, copy)
-    results, errors, codes = spawn(2, tmp_path, _resumed, pipe, folder, edit)
-    assert not errors and np.array_equal(results[0][0], reference[branch])
-    assert np.array_equal(pipe(**job(edit=edit), render_dir=copy).frames[0], reference[branch])  # one process
+    results, errors, codes = spawn(2, tmp_path, _resumed, job_pipe, folder, edit)
+    assert not errors and np.array_equal(results[0][0], job_reference[branch])
+    assert np.array_equal(job_pipe(**job(edit=edit), render_dir=copy).frames[0], job_reference[branch])  # one process
 
 
 # ---------------------------------------------------------------------------------------------------------------
