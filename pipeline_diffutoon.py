@@ -15,8 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import functools
 import inspect
+import math
+import numbers
 import os
+import threading
+import weakref
 from pathlib import Path
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -180,6 +185,28 @@ def classifier_free_guidance(noise_neg: torch.Tensor, noise_pos: torch.Tensor, g
 
 # ----------------------------------------------------------------------------------------------------------------
 # Model plumbing
+
+
+_CALL_LOCKS, _LOCKS_LOCK = weakref.WeakKeyDictionary(), threading.Lock()
+
+
+def _one_call_at_a_time(call):
+    """A pipeline renders one call at a time: a call swaps modules in place (per-frame GroupNorm, the reused UNet
+    prefix), so a second thread's call waits for the first; a call from inside a call (a callback) is refused."""
+    @functools.wraps(call)
+    def wrapper(self, *args, **kwargs):
+        with _LOCKS_LOCK:
+            state = _CALL_LOCKS.setdefault(self, {"lock": threading.Lock(), "owner": None})
+        if state["owner"] == threading.get_ident():
+            raise RuntimeError("this pipeline is already rendering in this thread (a call from a callback?): call it "
+                               "again after the render returns, or use a second pipeline object")
+        with state["lock"]:
+            state["owner"] = threading.get_ident()
+            try:
+                return call(self, *args, **kwargs)
+            finally:
+                state["owner"] = None
+    return wrapper
 
 
 class _PerFrameGroupNorm(torch.nn.GroupNorm):
@@ -822,18 +849,25 @@ class DiffutoonPipeline(
         if len(kinds) != len(nets):
             raise ValueError(f"{conditions} {self.config[conditions]!r} names {len(kinds)} conditions for {len(nets)} "
                              f"{where}ControlNets: name one per ControlNet.")
+        if not all(isinstance(v, numbers.Integral) for v in (height, width)):
+            raise ValueError(f"{where}height and width must be whole numbers, got {height!r}x{width!r}.")
         if height % 8 or width % 8 or height <= 0 or width <= 0:
             raise ValueError(f"{where}height and width must be positive multiples of 8, got {height}x{width}: "
                              f"try {max(8, height // 8 * 8)}x{max(8, width // 8 * 8)}.")
+        for name, value in (("num_inference_steps", num_inference_steps), ("context_length", context_length),
+                            ("context_stride", context_stride), ("decode_chunk_size", decode_chunk_size)):
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise ValueError(f"{where}{name} must be a whole number, got {value!r}.")
         if num_inference_steps < 1:
             raise ValueError(f"{where}num_inference_steps must be >= 1, got {num_inference_steps}.")
-        if not 0 < strength <= 1:
+        if not (_finite(strength) and 0 < strength <= 1):
             raise ValueError(f"{where}strength must be in (0, 1] (1 starts from pure noise), got {strength}.")
         if context_stride <= 0 or context_stride >= context_length:
             raise ValueError(f"{where}context_stride must satisfy 0 < context_stride < context_length "
                              f"(got stride {context_stride}, length {context_length}): windows must overlap.")
-        if guidance_scale < 0:
-            raise ValueError(f"{where}guidance_scale must be >= 0 (<= 1 turns guidance off), got {guidance_scale}.")
+        if not (_finite(guidance_scale) and 0 <= guidance_scale <= 100):
+            raise ValueError(f"{where}guidance_scale must be a number in [0, 100] (<= 1 turns guidance off; the "
+                             f"reference uses 7), got {guidance_scale}.")
         layers = self.text_encoder.config.num_hidden_layers
         if clip_skip is not None and not 0 <= clip_skip < layers:
             raise ValueError(f"{where}clip_skip must be in [0, {layers - 1}] (the text encoder has {layers} layers; 1 is "
@@ -843,6 +877,9 @@ class DiffutoonPipeline(
         scales = controlnet_conditioning_scale
         if isinstance(scales, (list, tuple)) and len(scales) != len(nets):
             raise ValueError(f"{where}controlnet_conditioning_scale has {len(scales)} values for {len(nets)} ControlNets.")
+        if not all(_finite(v) and abs(v) <= 100 for v in (scales if isinstance(scales, (list, tuple)) else [scales])):
+            raise ValueError(f"{where}controlnet_conditioning_scale must be numbers in [-100, 100] (the reference uses "
+                             f"0.5), got {scales}.")
         if conditioning_frames is not None:
             if not isinstance(conditioning_frames, (list, tuple)) or len(conditioning_frames) != len(nets):
                 raise ValueError(f"{where}conditioning_frames must be a list with one entry (frames or None) per "
@@ -933,6 +970,7 @@ class DiffutoonPipeline(
             scheduler.set_begin_index(start * scheduler.order)
         return timesteps
 
+    @_one_call_at_a_time
     @torch.no_grad()
     def __call__(
         self,
@@ -971,6 +1009,7 @@ class DiffutoonPipeline(
         fps: float | None = None,
         progress_callback: Callable[[dict], None] | None = None,
         distributed: bool | None = None,
+        overwrite: bool = False,
     ):
         r"""Render `video` in the toon style.
 
@@ -1021,6 +1060,7 @@ class DiffutoonPipeline(
                 process: each runs a share of the windows of every step and of the per-frame work; rank 0 alone owns
                 `render_dir` and writes `output_path`, and gets the frames (the others get `frames=None`). False: each
                 process renders on its own; True: require a process group. See README "Several GPUs".
+            overwrite (False): replace an existing `output_path` (else refused before any work, as the CLI does).
 
         Setting `pipe._interrupt = True` (from a callback or another thread) stops at the next window. With
         `render_dir`, the call then returns `frames=None, interrupted=True` and the folder resumes it later;
@@ -1033,7 +1073,7 @@ class DiffutoonPipeline(
         if video is None:
             raise ValueError("`video` is required: a list of PIL images, a uint8 array (N, H, W, 3) or a video file.")
         source = _as_source(video)
-        height, width = height or source.height, width or source.width
+        height, width = source.height if height is None else height, source.width if width is None else width
         if motion_groupnorm not in ("per_frame", "diffusers"):
             raise ValueError(f"motion_groupnorm must be 'per_frame' or 'diffusers', got {motion_groupnorm!r}.")
 
@@ -1044,7 +1084,7 @@ class DiffutoonPipeline(
                           context_length, context_stride, controlnet_conditioning_scale, conditioning_frames, strength,
                           output_type, callback_on_step_end_tensor_inputs, latents, clip_skip, decode_chunk_size)
         edit_settings = self._check_edit(source, edit_prompt, color_video, edit_kwargs)
-        fps = self._check_output(output_path, fps, source)
+        fps = self._check_output(output_path, fps, source, overwrite)
         prompt = prompt if isinstance(prompt, str) else prompt[0]
         negative_prompt = "" if negative_prompt is None else negative_prompt if isinstance(negative_prompt, str) else negative_prompt[0]
         kinds = self.config.controlnet_conditions.split(",")
@@ -1093,7 +1133,7 @@ class DiffutoonPipeline(
                 return self._interrupted(run, return_dict)
 
             # 9. Decode a chunk of frames at a time, into memory or straight into the output file
-            frames = self._output(run, latents, output_type, output_path, fps, source, decode_chunk_size)
+            frames = self._output(run, latents, output_type, output_path, fps, source, decode_chunk_size, overwrite)
             run.finish(complete)
         self.maybe_free_model_hooks()
         color_frames = color_video.array if edit_prompt is not None and isinstance(color_video, HostFrames) else None
@@ -1173,9 +1213,10 @@ class DiffutoonPipeline(
     def _render_identity(self, arguments: dict, source, edit_settings: dict) -> dict:
         """Every setting that changes the result, the input, the models, the versions."""
         ignored = ("self", "video", "output_type", "return_dict", "callback_on_step_end", "render_dir", "fresh",
-                   "keep_render_dir", "output_path", "fps", "progress_callback", "edit_kwargs", "distributed")
+                   "keep_render_dir", "output_path", "fps", "progress_callback", "edit_kwargs", "distributed",
+                   "decode_chunk_size", "overwrite")  # operational: they do not change the frames
         settings = {k: setting_identity(v) for k, v in arguments.items() if k not in ignored}
-        settings["edit"] = {k: setting_identity(v) for k, v in edit_settings.items()}
+        settings["edit"] = {k: setting_identity(v) for k, v in edit_settings.items() if k not in ignored}
         settings["scheduler"] = [type(self.scheduler).__name__,
                                  setting_identity({k: v for k, v in self.scheduler.config.items() if k[0] != "_"})]
         settings["pipeline"] = {"controlnet_conditions": self.config.controlnet_conditions,
@@ -1197,8 +1238,10 @@ class DiffutoonPipeline(
         if resumed is not None:
             step, frames, state = resumed
             restore_state(scheduler, generator, state, self, cond)
-            if step:
-                logger.warning(f"resuming the {name} pass at step {step + 1} of {len(timesteps)}")
+            if step >= len(timesteps):
+                logger.warning(f"resuming the {name} pass after its last step ({step} of {len(timesteps)} done)")
+            elif step:
+                logger.warning(f"resuming the {name} pass at step {step + 1} of {len(timesteps)} ({step} done)")
             return frames, step
         n, c = len(source), self.unet.config.in_channels
         h, w = height // self.vae_scale_factor, width // self.vae_scale_factor
@@ -1277,7 +1320,8 @@ class DiffutoonPipeline(
         cond.prompt_embeds = outputs.pop("prompt_embeds", cond.prompt_embeds)
         cond.negative_prompt_embeds = outputs.pop("negative_prompt_embeds", cond.negative_prompt_embeds)
 
-    def _output(self, run, latents, output_type: str, output_path, fps, source, decode_chunk_size: int):
+    def _output(self, run, latents, output_type: str, output_path, fps, source, decode_chunk_size: int,
+                overwrite: bool = False):
         """The frames as `output_type`, or None once streamed into `output_path` (a video file or PNG folder)."""
         n = len(latents)
         if output_type == "latent":
@@ -1293,21 +1337,31 @@ class DiffutoonPipeline(
                 pass
             return None
         vio.write_output(output_path, chunks, fps, audio_from=getattr(clip, "path", None),
-                         audio_span=clip.audio_span() if clip is not None else None, overwrite=True,
+                         audio_span=clip.audio_span() if clip is not None else None, overwrite=overwrite,
                          progress=not getattr(self, "_progress_bar_config", {}).get("disable", False), total=n)
         return None
 
-    def _check_output(self, output_path, fps, source):
-        """Before any work: the output path's kind and the frame rate a video file needs."""
+    def _check_output(self, output_path, fps, source, overwrite: bool = False):
+        """Before any work: the output path's kind, that it is not the input, and the frame rate a video file needs."""
+        if fps is not None and not (_finite(fps) and 0.01 <= fps <= 1000):
+            raise ValueError(f"fps must be a number in [0.01, 1000] (frames per second), got {fps}.")
         if output_path is None:
             return fps
         vio = _import("diffutoon.video", "Writing output_path")
+        source_path = getattr(source.clip, "path", None)
+        if source_path is not None and os.path.exists(output_path) and os.path.samefile(output_path, source_path):
+            raise ValueError(f"output_path {output_path} is the input video ({source_path}), also through a link: "
+                             "write the result to another path.")
+        try:
+            vio.check_output(output_path, overwrite)
+        except FileExistsError as e:
+            raise ValueError(str(e).replace("--overwrite (overwrite=True)", "overwrite=True")) from None
         suffix = Path(output_path).suffix.lower()
         if suffix and suffix not in vio.VIDEO_SUFFIXES:
             raise ValueError(f"output_path {output_path}: use a video file ({', '.join(vio.VIDEO_SUFFIXES)}) or a "
                              "folder path without a suffix for PNG frames.")
         fps = fps or getattr(source.clip, "fps", None)
-        if suffix and not (fps and fps > 0):
+        if suffix and fps is None:
             raise ValueError("output_path is a video file: pass fps= (the frame rate), or pass the video as a file.")
         return fps
 
@@ -1464,6 +1518,11 @@ class DiffutoonPipeline(
                          out=_frames_array(colors, writable=True), **options)  # each frame written as it is done
         run.finish_stage("edit")
         return broadcast_frames(run.group, colors, "sharing the colour video")
+
+
+def _finite(value) -> bool:
+    """A real, finite number (not a bool, nan or inf)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _as_source(video) -> _VideoSource:

@@ -18,6 +18,7 @@ Only the standard library, numpy and torch are imported here: the module ships b
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -32,12 +33,26 @@ import numpy as np
 import torch
 
 FORMAT = 1
+MARKER = ".diffutoon-render-folder"  # written first into a folder this project makes: only such folders are ever deleted
 CHUNK = 16  # frames per chunk of a condition array: the unit of "written" bookkeeping
 KEEP_CHECKPOINTS = 2  # the newest and the one before it: a corrupt newest one falls back to the previous step
 
 
 class RenderFolderError(RuntimeError):
-    """A render folder that cannot be used as asked; the message says what to do."""
+    """A render folder that cannot be used as asked; the message says what to do. `resumable`: running the same
+    command again continues the render (a full disk once freed), else a rerun repeats the error."""
+
+    def __init__(self, message: str, resumable: bool = False):
+        super().__init__(message)
+        self.resumable = resumable
+
+
+def format_bytes(n: float) -> str:
+    """1.50 GiB, 12.3 MiB, 512 KiB: sizes under 0.01 GiB are not shown as 0.00 GiB."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= size * (0.01 if unit == "GiB" and n >= 2**30 else 1):
+            return f"{n / size:.2f} {unit}" if unit == "GiB" else f"{n / size:.1f} {unit}"
+    return f"{max(n, 0) / 1024:.0f} KiB"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -87,7 +102,7 @@ def sha256_file(path: Path, block: int = 1 << 24) -> str:
 def _disk_full(error: OSError, folder: Path) -> RenderFolderError | OSError:
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
         return RenderFolderError(f"the disk holding the render folder {folder} is full; the folder is intact and "
-                                 "resumable: free some space and run the same command again")
+                                 "resumable: free some space and run the same command again", resumable=True)
     return error
 
 
@@ -310,26 +325,44 @@ class RenderFolder(InMemoryRender):
         self.keep = keep
         self.path = Path(path).absolute()
         self.identity = json.loads(json.dumps(identity))  # as it will read back from the manifest
-        manifest_file = self.path / "manifest.json"
         if self.path.exists() and not self.path.is_dir():
             raise RenderFolderError(f"render folder {self.path} is a file: choose a folder path")
+        made = [folder for folder in [self.path, *self.path.parents] if not folder.exists()]  # deepest first
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            self._lock()
+            self._lock(fresh)
         except OSError as e:
             raise RenderFolderError(f"cannot use {self.path} as the render folder: {e.strerror or e}") from e
         try:
-            self._open(manifest_file, fresh, needed_bytes)
+            self._open(fresh, needed_bytes, created=bool(made))
         except BaseException:
             self._unlock()
+            if made and not (self.path / "manifest.json").exists():  # a refusal leaves no empty folder behind
+                (self.path / MARKER).unlink(missing_ok=True)
+                for folder in made:
+                    with contextlib.suppress(OSError):
+                        folder.rmdir()
             raise
 
-    def _open(self, manifest_file: Path, fresh: bool, needed_bytes: int):
-        if not manifest_file.exists() and any(p.name != "lock" for p in self.path.iterdir()):
-            raise RenderFolderError(f"{self.path} is not empty and holds no render (no manifest.json): choose an "
-                                    "empty or new folder for the render state")
-        manifest = json.loads(manifest_file.read_text()) if manifest_file.exists() else None
-        if manifest is not None and not fresh:
+    def _open(self, fresh: bool, needed_bytes: int, created: bool):
+        manifest_file, ours = self.path / "manifest.json", is_render_folder(self.path)
+        if not ours and any(p.name != "lock" for p in self.path.iterdir()):
+            raise RenderFolderError(f"{self.path} is not empty and holds no render (it is not a render folder this "
+                                    "tool made, so nothing in it is touched): choose an empty or new folder for the "
+                                    "render state")
+        manifest = None
+        if manifest_file.exists():
+            try:
+                manifest = json.loads(manifest_file.read_text())
+                if not isinstance(manifest, dict) or not isinstance(manifest.get("identity"), dict):
+                    raise ValueError("not a manifest")
+            except (ValueError, UnicodeDecodeError) as e:
+                if not fresh:
+                    raise RenderFolderError(f"the manifest of the render folder {self.path} is unreadable, so it "
+                                            "cannot be resumed: start over with fresh=True (--fresh), or choose another "
+                                            "folder") from e
+                manifest = {}
+        if manifest and not fresh:
             differences = identity_differences(manifest.get("identity", {}), self.identity)
             if manifest.get("format") != FORMAT:
                 differences.insert(0, f"folder format {manifest.get('format')} (this version writes {FORMAT})")
@@ -341,17 +374,23 @@ class RenderFolder(InMemoryRender):
                     + ". Start over with fresh=True (--fresh), or choose another folder.")
             self.manifest = manifest
         else:
-            if manifest is not None:  # fresh: everything but the lock goes
+            if manifest is not None:  # fresh: everything but the lock goes (the folder is ours: checked above)
+                created = bool(manifest.get("created_folder", False))
                 for child in self.path.iterdir():
-                    if child.name != "lock":
+                    if child.name not in ("lock", MARKER):
                         shutil.rmtree(child) if child.is_dir() else child.unlink()
             self.manifest = {"format": FORMAT, "created_at": time.time(), "identity": self.identity,
-                             "stages": [], "passes": {}}
+                             "stages": [], "passes": {}, "created_folder": created}
         free = shutil.disk_usage(self.path).free
         if needed_bytes > free + self._bytes_on_disk():
             raise RenderFolderError(
-                f"the render folder needs about {needed_bytes / 2**30:.2f} GiB and {self.path} has "
-                f"{free / 2**30:.2f} GiB free: free some space, or choose a folder on a larger disk")
+                f"the render folder needs about {format_bytes(needed_bytes)} and {self.path} has "
+                f"{format_bytes(free)} free: free some space, or choose a folder on a larger disk")
+        if not (self.path / MARKER).exists():
+            try:
+                atomic_write(self.path / MARKER, f"diffutoon render folder, format {FORMAT}\n".encode())
+            except OSError as e:
+                raise _disk_full(e, self.path) from e
         self._write_manifest()
         self._stages = set(self.manifest["stages"])
 
@@ -359,28 +398,38 @@ class RenderFolder(InMemoryRender):
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
 
     # the lock: one render per folder at a time
-    def _lock(self):
+    def _lock(self, fresh: bool = False):
         lock, me = self.path / "lock", f"{os.getpid()} {socket.gethostname()}"
-        for _ in range(3):
+        for attempt in range(20):
             try:
                 fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                holder = lock.read_text().split() if lock.exists() else []
-                if len(holder) == 2 and holder[1] == socket.gethostname() and not _alive(int(holder[0])):
+                try:
+                    holder, age = lock.read_text(errors="replace").split(), time.time() - lock.stat().st_mtime
+                except FileNotFoundError:
+                    continue  # just released
+                if len(holder) == 2 and holder[1] == socket.gethostname() and holder[0].isdigit() and \
+                        not _alive(int(holder[0])):
                     lock.unlink(missing_ok=True)  # a stale lock of a dead process: take it over
                     continue
-                if not holder:
-                    continue  # the holder is writing it, or just released it
+                if len(holder) != 2 or not holder[0].isdigit():  # empty or garbage: its writer died, or is writing
+                    if fresh or age > 5:
+                        lock.unlink(missing_ok=True)
+                        continue
+                    if attempt < 19:
+                        time.sleep(0.05)
+                        continue
+                    raise RenderFolderError(f"the lock {lock} of the render folder is empty or unreadable: if no "
+                                            "render is using the folder, pass fresh=True (--fresh) or delete it")
                 raise RenderFolderError(f"render folder {self.path} is in use by process {holder[0]} on "
-                                        f"{holder[1] if len(holder) > 1 else '?'}: wait for it to finish, or stop it "
-                                        f"(if it is gone, delete {lock})")
+                                        f"{holder[1]}: wait for it to finish, or stop it (if it is gone, delete {lock})")
             with os.fdopen(fd, "w") as f:
                 f.write(me)
                 f.flush()
                 os.fsync(f.fileno())
             self._locked = True
             return
-        raise RenderFolderError(f"could not take the lock {lock}")
+        raise RenderFolderError(f"could not take the lock {lock}: another process keeps taking it")
 
     def _unlock(self):
         if getattr(self, "_locked", False):
@@ -480,8 +529,8 @@ class RenderFolder(InMemoryRender):
                     state = torch.load(self.path / entry["state"], weights_only=False)
                 return entry["step"], DiskFrames(file), state
             print(f"render folder: checkpoint {entry['file']} {problem}; falling back to the one before")
-        raise RenderFolderError(f"no intact checkpoint of the {name} pass is left in {self.path}: start over with "
-                                "fresh=True (--fresh)")
+        raise RenderFolderError(f"no intact checkpoint of the {name} pass is left in {self.path}, so it cannot be "
+                                "resumed: start over with fresh=True (--fresh)")
 
     # progress
     def _publish(self):
@@ -500,10 +549,30 @@ class RenderFolder(InMemoryRender):
     def close(self, success: bool, keep: bool = False):
         """Release the folder; on success it is removed unless `keep`. On failure it stays, resumable."""
         if success and not keep:
-            shutil.rmtree(self.path, ignore_errors=True)
+            if self.manifest.get("created_folder", True):
+                shutil.rmtree(self.path, ignore_errors=True)
+                return
+            for child in self.path.iterdir():  # a folder the user made stays, emptied of what the render wrote
+                if child.name != "lock":
+                    shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+            (self.path / "lock").unlink(missing_ok=True)
+            self._locked = False
             return
         shutil.rmtree(self.path / "scratch", ignore_errors=True)
         self._unlock()
+
+
+def is_render_folder(path) -> bool:
+    """Whether `path` is a render folder this project made: its marker, or (folders from before the marker) a manifest
+    of this format."""
+    path = Path(path)
+    if (path / MARKER).is_file():
+        return True
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(manifest, dict) and {"format", "identity", "stages", "passes"} <= set(manifest)
 
 
 def _alive(pid: int) -> bool:
@@ -567,16 +636,36 @@ def module_fingerprint(module: torch.nn.Module) -> str:
 
 
 def file_fingerprint(path) -> dict:
-    """A video file's identity: size and a checksum of its first and last MiB (not the whole file: it can be GBs)."""
+    """A video file's identity: its size and the SHA-256 of its whole content, read a block at a time. The hash is
+    kept in a small cache (`hash_cache_file()`) with the file's size, mtime and inode, so an unchanged file is hashed
+    once, however often a render of it is resumed."""
     path = Path(path)
-    size = path.stat().st_size
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        digest.update(f.read(1 << 20))
-        if size > 2 << 20:
-            f.seek(size - (1 << 20))
-            digest.update(f.read())
-    return {"bytes": size, "sha256_head_tail": digest.hexdigest()[:16]}
+    stat = path.stat()
+    key, stamp = str(path.resolve()), [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+    cache_file = hash_cache_file()
+    try:
+        cache = json.loads(cache_file.read_text())
+        cache = cache if isinstance(cache, dict) else {}
+    except (OSError, ValueError, UnicodeDecodeError):
+        cache = {}
+    entry = cache.get(key)
+    if isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("sha256"), str):
+        return {"bytes": stat.st_size, "sha256": entry["sha256"]}
+    digest = sha256_file(path)
+    cache[key] = {"stamp": stamp, "sha256": digest}
+    try:  # a cache that cannot be written only costs a rehash next time
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(cache_file, dict(list(cache.items())[-1000:]), durable=False)
+    except OSError:
+        pass
+    return {"bytes": stat.st_size, "sha256": digest}
+
+
+def hash_cache_file() -> Path:
+    """$DIFFUTOON_CACHE (default $XDG_CACHE_HOME/diffutoon or ~/.cache/diffutoon) / input-hashes.json."""
+    root = os.environ.get("DIFFUTOON_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / \
+        "diffutoon"
+    return Path(root) / "input-hashes.json"
 
 
 def checkpoint_state(scheduler, generator, guidance_scale=None, cond=None) -> dict:
@@ -616,6 +705,12 @@ def setting_identity(value):
         if value and hasattr(value[0], "convert") and hasattr(value[0], "size"):  # PIL images
             return f"frames {tensor_fingerprint(np.stack([np.asarray(f) for f in value]))}"
         return [setting_identity(v) for v in value]
+    modules = {k: v for k, v in sorted(vars(value).items()) if isinstance(v, torch.nn.Module)} \
+        if hasattr(value, "__dict__") and not isinstance(value, torch.nn.Module) else {}
+    if isinstance(value, torch.nn.Module):
+        modules = {"": value}
+    if modules:  # an annotator (controlnet-aux detectors hold their networks): its weights, not only its class
+        return f"{type(value).__name__} " + "-".join(module_fingerprint(m) for m in modules.values())
     return type(value).__name__
 
 
