@@ -15,6 +15,7 @@ and exit with status 2; `--debug` shows the traceback instead.
 import argparse
 import contextlib
 import inspect
+import math
 import os
 import re
 import sys
@@ -61,6 +62,8 @@ def _number(kind, lo=None, hi=None, lo_open=False, multiple=None):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if not math.isfinite(value):  # nan passes every comparison below
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
         if lo is not None and (value <= lo if lo_open else value < lo):
             raise argparse.ArgumentTypeError(f"must be {'>' if lo_open else '>='} {lo}, got {text}")
         if hi is not None and value > hi:
@@ -79,8 +82,8 @@ def _position(text):
         value = ("s", float(text[:-1])) if text.endswith("s") else ("f", int(text))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a frame number (120) or seconds (4.5s), got {text!r}")
-    if value[1] < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    if not math.isfinite(value[1]) or value[1] < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
 
 
@@ -110,9 +113,15 @@ def _span():
     g = span.add_argument_group("output")
     g.add_argument("-o", "--output", type=Path,
                    help="an .mp4 (also .mov/.m4v/.mkv) file, or a folder for PNG frames (a path without suffix)")
-    g.add_argument("--fps", type=_number(float, 0, lo_open=True),
+    g.add_argument("--fps", type=_number(float, 0.01, 1000),
                    help="output frame rate (default: the source's fps / --every-nth, which keeps the timing)")
     g.add_argument("--no-audio", action="store_true", help="do not copy the source's audio")
+    return span
+
+
+def _render_folder_options():
+    """render and demo only: deflicker is one short FastBlend pass, with nothing to resume."""
+    span = _Parser(add_help=False)
     g = span.add_argument_group("long renders (a crash, Ctrl-C or a lost machine loses nothing: run the same command "
                                 "again to resume)")
     g.add_argument("--work-dir", type=Path, help="the render folder: condition frames, a checkpoint after every step "
@@ -143,16 +152,16 @@ def _generation():
     g.add_argument("--edit-strength", type=_number(float, 0, 1, lo_open=True), default=0.9,
                    help="editing branch img2img strength (default %(default)s)")
     g.add_argument("--steps", type=_number(int, 1), default=10, help="denoising steps (default %(default)s)")
-    g.add_argument("--guidance-scale", type=_number(float, 0), default=7.0, help="CFG scale (default %(default)s)")
+    g.add_argument("--guidance-scale", type=_number(float, 0, 100), default=7.0, help="CFG scale (default %(default)s)")
     g.add_argument("--context-length", type=_number(int, 1), default=16, help="sliding-window frames (default %(default)s)")
     g.add_argument("--context-stride", type=_number(int, 1), default=8, help="window stride (default %(default)s)")
-    g.add_argument("--lineart-scale", type=_number(float, 0), default=0.5, help="lineart ControlNet (default %(default)s)")
-    g.add_argument("--tile-scale", type=_number(float, 0), default=0.5, help="tile ControlNet (default %(default)s)")
+    g.add_argument("--lineart-scale", type=_number(float, 0, 100), default=0.5, help="lineart ControlNet (default %(default)s)")
+    g.add_argument("--tile-scale", type=_number(float, 0, 100), default=0.5, help="tile ControlNet (default %(default)s)")
     g.add_argument("--clip-skip", type=_number(int, 0), default=1,
                    help="diffusers' clip_skip: 1 = A1111's 'clip skip 2', the reference (default %(default)s)")
     g.add_argument("--strength", type=_number(float, 0, 1, lo_open=True), default=1.0,
                    help="1.0 = pure noise, the reference; < 1 starts from the video, img2img (default %(default)s)")
-    g.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    g.add_argument("--seed", type=_number(int, 0, 2**64 - 1), default=0, help="random seed (default %(default)s)")
     g.add_argument("--decode-chunk-size", type=_number(int, 1), default=8, help="frames per VAE decode (default %(default)s)")
     g.add_argument("--device", default="auto", help="cuda, cuda:1, cpu, mps... auto: cuda if available (default %(default)s)")
     g.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"), default="auto",
@@ -188,7 +197,7 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True, metavar="{render,deflicker,demo,ui}",
                                 parser_class=_Parser)
 
-    p = sub.add_parser("render", parents=[_span(), _generation(), _models(), _common()],
+    p = sub.add_parser("render", parents=[_span(), _render_folder_options(), _generation(), _models(), _common()],
                        help="render a video in toon style",
                        description="Render a video in toon style (Diffutoon's main pass; with --edit-prompt the "
                        "editing branch runs first). Output: the source's fps, length and audio by default.")
@@ -206,14 +215,14 @@ def build_parser():
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.set_defaults(func=cmd_deflicker)
 
-    p = sub.add_parser("demo", parents=[_span(), _generation(), _common()],
+    p = sub.add_parser("demo", parents=[_span(), _render_folder_options(), _generation(), _common()],
                        help="offline end-to-end check with tiny random models",
                        description="Offline check of the whole path (file -> frames -> annotators -> sliding-window "
                        "denoising -> mp4 with sound) with tiny random-weight models. "
                        "It proves the install, not the art.")
     p.add_argument("--input", type=Path, help="a video to use instead of the generated photo clip")
     p.add_argument("--num-frames", type=_number(int, 1), default=16, help="frames of the generated clip (default 16)")
-    p.add_argument("--clip-fps", type=_number(float, 0, lo_open=True), default=8.0,
+    p.add_argument("--clip-fps", type=_number(float, 0.01, 1000), default=8.0,
                    help="fps of the generated clip (default 8)")
     p.add_argument("--keep-input", action="store_true", help="keep the generated clip beside the output")
     # tiny models: small frames, few steps, and windows short enough that the clip spans several of them
@@ -308,13 +317,29 @@ def _check_model_limits(args):
 def _torch_setup(args):
     import torch
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = _check_device(args.device)
     dtype = args.dtype
     if dtype == "auto":
         dtype = "float16" if device.startswith("cuda") else "float32"
     return device, getattr(torch, dtype)
+
+
+def _check_device(device):
+    """--device as torch names it ("auto" resolved), or one line saying why it cannot be used here."""
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"--device {device}: not a device name; use auto, cpu, cuda, cuda:1 or mps") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(kind.type, False):
+        raise CLIError(f"--device {device}: no {kind.type} device here; use --device auto or cpu")
+    if kind.type == "cuda" and kind.index is not None and kind.index >= torch.cuda.device_count():
+        raise CLIError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def _join_torchrun(args):
@@ -397,13 +422,16 @@ def _render(args, reader, indices, out, pipe, detector, edit_extra=None):
     clip = vio.VideoClip(reader, indices, height, width, args.resize, audio=not args.no_audio)
     fps = args.fps or clip.fps
     work_dir = _work_dir(args, out)
+    vio.check_room(out, vio.output_bytes(out, *clip.shape[:3]))  # before the work, not after it
     t = time.time()
     try:
         result = _run_pipeline(args, pipe, clip, detector, edit_extra, render_dir=work_dir, fresh=args.fresh,
-                               keep_render_dir=args.keep_work_dir, output_path=out, fps=fps)
+                               keep_render_dir=args.keep_work_dir, output_path=out, fps=fps, overwrite=args.overwrite)
     except (KeyboardInterrupt, Exception) as error:
-        if work_dir is None or not (work_dir / "manifest.json").exists():
-            raise
+        from .render_folder import RenderFolderError, is_render_folder
+
+        if work_dir is None or not is_render_folder(work_dir) or not getattr(error, "resumable", True):
+            raise  # a rerun would repeat it (another render in the folder, no intact checkpoint, a held lock)
         kept = f"the render folder {work_dir} keeps the progress: run the same command again to resume"
         if isinstance(error, KeyboardInterrupt):
             raise KeyboardInterrupt(kept) from error
@@ -591,9 +619,9 @@ def cmd_render(args):
         params = inspect.signature(_import_pipeline().DiffutoonPipeline.__call__).parameters
         if "edit_prompt" not in params:
             raise CLIError("--edit-prompt needs the editing branch, which this version of the pipeline lacks")
+    device, dtype = _torch_setup(args)
     _check_sources(_model_sources(args)[0])
     _check_model_limits(args)
-    device, dtype = _torch_setup(args)
     if not args.quiet:
         print(f"loading models on {device} ({str(dtype).replace('torch.', '')})...", file=sys.stderr)
     pipe, detector = _load_pipeline(args, device, dtype)
@@ -604,6 +632,7 @@ def cmd_render(args):
 def cmd_deflicker(args):
     style, indices = _open_input(args)
     out = _output_path(args, f"{args.input.stem}-deflickered.mp4")
+    args.device = _check_device(args.device)
     guide, guide_indices = (style, indices)
     if args.guide is not None:
         if not args.guide.exists():
@@ -659,11 +688,32 @@ def cmd_ui(args):
 
 # ---------------------------------------------------------------------------------------------- entry point
 def _one_line(e):
-    text = " ".join(str(e).split()) or type(e).__name__
-    if isinstance(e, (CLIError, vio.VideoError, FileExistsError)):
+    text = _cli_words(" ".join(str(e).split())) or type(e).__name__
+    if isinstance(e, (CLIError, vio.VideoError, FileExistsError)) or type(e).__name__ == "RenderFolderError":
         return text
-    kind = type(e)
-    return f"{kind.__name__ if kind.__module__ == 'builtins' else kind.__module__ + '.' + kind.__qualname__}: {text}"
+    return f"{type(e).__name__}: {text}"  # no module path: the class name says enough
+
+
+# the render folder's and the pipeline's words for what the user set with these options
+_CLI_NAMES = {"fresh=True (--fresh)": "--fresh", "fresh=True": "--fresh", "--overwrite (overwrite=True)": "--overwrite",
+              "overwrite=True": "--overwrite", "settings.generator": "--seed", "settings.prompt": "--prompt",
+              "settings.negative_prompt": "--negative-prompt", "settings.num_inference_steps": "--steps",
+              "settings.guidance_scale": "--guidance-scale", "settings.context_length": "--context-length",
+              "settings.context_stride": "--context-stride", "settings.clip_skip": "--clip-skip",
+              "settings.controlnet_conditioning_scale": "--lineart-scale/--tile-scale",
+              "settings.strength": "--strength", "settings.lineart_detector": "--annotators",
+              "settings.edit_prompt": "--edit-prompt", "settings.edit.height": "--edit-height",
+              "settings.edit.width": "--edit-width", "settings.edit.num_inference_steps": "--edit-steps",
+              "settings.edit.strength": "--edit-strength", "settings.height": "--height", "settings.width": "--width",
+              "input.indices": "the frame range (--start/--end/--every-nth/--max-frames)",
+              "input.size": "the frame size (--height/--width/--resize)", "input.policy": "--resize",
+              "input.sha256": "the input file's content", "input.bytes": "the input file's size",
+              "input.shape": "the frames (--start/--end/--height/--width)", "input.fps": "the input's frame rate"}
+_CLI_WORDS = re.compile("|".join(re.escape(k) for k in sorted(_CLI_NAMES, key=len, reverse=True)) + r"(?![\w.])")
+
+
+def _cli_words(text):
+    return _CLI_WORDS.sub(lambda m: _CLI_NAMES[m[0]], text)
 
 
 @contextlib.contextmanager

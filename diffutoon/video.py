@@ -450,6 +450,32 @@ def check_output(path, overwrite=False):
     return path
 
 
+def output_bytes(path, num_frames, height, width):
+    """A generous estimate of what the output will take: PNGs at half the raw size, H.264 at a 50th of it."""
+    raw = num_frames * height * width * 3
+    return raw // 50 if Path(path).suffix.lower() in VIDEO_SUFFIXES else raw // 2
+
+
+def check_room(path, needed_bytes):
+    """Before any work: the output can be created where asked (a probe file in its nearest existing folder) and that
+    disk has about `needed_bytes` free. One-line VideoError otherwise."""
+    folder = Path(path).absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise VideoError(f"cannot write {path}: {folder} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise VideoError(f"cannot write {path}: {folder} is not writable ({e.strerror or e}); choose another output "
+                         "path") from None
+    free = shutil.disk_usage(folder).free
+    if needed_bytes > free:
+        raise VideoError(f"the output {path} needs about {needed_bytes / 2**20:.1f} MiB and {folder} has "
+                         f"{free / 2**20:.1f} MiB free: free some space, or write it elsewhere")
+
+
 FRAME_NAME = re.compile(r"\d{5,}\.png")  # what write_frames_folder writes, and all that --overwrite may replace
 
 
