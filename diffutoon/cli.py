@@ -422,7 +422,6 @@ def _render(args, reader, indices, out, pipe, detector, edit_extra=None):
     clip = vio.VideoClip(reader, indices, height, width, args.resize, audio=not args.no_audio)
     fps = args.fps or clip.fps
     work_dir = _work_dir(args, out)
-    vio.check_room(out, vio.output_bytes(out, *clip.shape[:3]))  # before the work, not after it
     t = time.time()
     try:
         result = _run_pipeline(args, pipe, clip, detector, edit_extra, render_dir=work_dir, fresh=args.fresh,
@@ -430,8 +429,8 @@ def _render(args, reader, indices, out, pipe, detector, edit_extra=None):
     except (KeyboardInterrupt, Exception) as error:
         from .render_folder import RenderFolderError, is_render_folder
 
-        if work_dir is None or not is_render_folder(work_dir) or not getattr(error, "resumable", True):
-            raise  # a rerun would repeat it (another render in the folder, no intact checkpoint, a held lock)
+        if work_dir is None or not is_render_folder(work_dir) or isinstance(error, RenderFolderError):
+            raise  # the folder's own errors say whether a rerun resumes (a full disk) or repeats them (a held lock)
         kept = f"the render folder {work_dir} keeps the progress: run the same command again to resume"
         if isinstance(error, KeyboardInterrupt):
             raise KeyboardInterrupt(kept) from error
@@ -614,7 +613,7 @@ def cmd_render(args):
     _join_torchrun(args)  # torchrun --nproc-per-node=K: K processes split this render; rank 0 writes the output
     reader, indices = _open_input(args)
     out = _output_path(args, f"{args.input.stem}-diffutoon.mp4")
-    _check_sizes(args, reader)
+    vio.check_room(out, vio.output_bytes(out, len(indices), *_check_sizes(args, reader)))  # before the work
     if args.edit_prompt:
         params = inspect.signature(_import_pipeline().DiffutoonPipeline.__call__).parameters
         if "edit_prompt" not in params:
@@ -633,6 +632,7 @@ def cmd_deflicker(args):
     style, indices = _open_input(args)
     out = _output_path(args, f"{args.input.stem}-deflickered.mp4")
     args.device = _check_device(args.device)
+    vio.check_room(out, vio.output_bytes(out, len(indices), style.height, style.width))
     guide, guide_indices = (style, indices)
     if args.guide is not None:
         if not args.guide.exists():
@@ -665,7 +665,7 @@ def cmd_demo(args):
             args.input = vio.make_demo_clip(clip, args.num_frames, size, size, args.clip_fps, overwrite=True)
             print(f"input: {args.input} ({args.num_frames} frames of a photograph with camera motion, a 440 Hz tone)")
         reader, indices = _open_input(args)
-        _check_sizes(args, reader)
+        vio.check_room(out, vio.output_bytes(out, len(indices), *_check_sizes(args, reader)))
         _import_pipeline()  # puts a source checkout's pipeline_diffutoon.py on the path for .tiny
         from . import tiny
 
@@ -689,9 +689,12 @@ def cmd_ui(args):
 # ---------------------------------------------------------------------------------------------- entry point
 def _one_line(e):
     text = _cli_words(" ".join(str(e).split())) or type(e).__name__
-    if isinstance(e, (CLIError, vio.VideoError, FileExistsError)) or type(e).__name__ == "RenderFolderError":
-        return text
-    return f"{type(e).__name__}: {text}"  # no module path: the class name says enough
+    return text if _plain(e) else f"{type(e).__name__}: {text}"  # no module path: the class name says enough
+
+
+def _plain(e):
+    """Errors whose message is written for the user as it is."""
+    return isinstance(e, (CLIError, vio.VideoError, FileExistsError)) or type(e).__name__ == "RenderFolderError"
 
 
 # the render folder's and the pipeline's words for what the user set with these options
@@ -765,7 +768,7 @@ def main(argv=None):
     except Exception as e:
         if args.debug:
             raise
-        hint = "" if isinstance(e, (CLIError, vio.VideoError, FileExistsError)) else " (rerun with --debug for details)"
+        hint = "" if _plain(e) else " (rerun with --debug for details)"
         print(f"diffutoon {args.command}: error: {_one_line(e)}{hint}", file=sys.stderr)
         return 2
 

@@ -48,11 +48,12 @@ class RenderFolderError(RuntimeError):
 
 
 def format_bytes(n: float) -> str:
-    """1.50 GiB, 12.3 MiB, 512 KiB: sizes under 0.01 GiB are not shown as 0.00 GiB."""
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
-        if n >= size * (0.01 if unit == "GiB" and n >= 2**30 else 1):
-            return f"{n / size:.2f} {unit}" if unit == "GiB" else f"{n / size:.1f} {unit}"
-    return f"{max(n, 0) / 1024:.0f} KiB"
+    """1.50 GiB, 12.3 MiB, 512 KiB, 300 bytes: a size under 0.01 GiB is not shown as 0.00 GiB."""
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    if n >= 2**20:
+        return f"{n / 2**20:.1f} MiB"
+    return f"{n / 2**10:.0f} KiB" if n >= 2**10 else f"{max(int(n), 0)} bytes"
 
 
 # ---------------------------------------------------------------------------------------------------------------

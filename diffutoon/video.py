@@ -640,8 +640,8 @@ def write_frames_folder(path, frames, overwrite=False, progress=True, total=None
     tmp = _partial_name(path)
     _remove_stale_partials(path)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
+        tmp.mkdir()
         for i, frame in enumerate(tqdm(_iter_frames(frames), total=total, desc="writing frames", unit="frame",
                                        disable=not progress)):
             _write_png(tmp / f"{i:05d}.png", frame)
