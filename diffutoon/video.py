@@ -36,6 +36,8 @@ import cv2
 import numpy as np
 from tqdm.auto import tqdm
 
+from .render_folder import _alive  # one liveness check for lock files and stale partial outputs
+
 RESIZE_POLICIES = ("crop", "pad", "short_side")
 MUXERS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska"}  # suffix -> ffmpeg muxer
 VIDEO_SUFFIXES = tuple(MUXERS)
@@ -493,16 +495,6 @@ def _remove_stale_partials(path):
         pid = stale.name.rsplit("-", 1)[-1]
         if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _fsync(path):
