@@ -285,12 +285,12 @@ def parse_bytes(value) -> int:
             raise ValueError(f"memory_budget={value!r} is a number of bytes, which is too small: write it with a unit, "
                              f"e.g. '{value:g}GB'.")
         return int(value)
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b?)?\s*", str(value), re.IGNORECASE)
-    if not match or not match.group(2):
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b?|b)\s*", str(value), re.IGNORECASE)
+    if not match:
         raise ValueError(f"memory_budget={value!r}: write a size with a unit, e.g. '12GB' or '11.5GiB'.")
     unit = match.group(2).lower().rstrip("b")
     base = 1024 if unit.endswith("i") else 1000
-    return int(float(match.group(1)) * base ** ("kmgt".index(unit[0]) + 1))
+    return int(float(match.group(1)) * base ** ("kmgt".index(unit[0]) + 1 if unit else 0))
 
 
 # ---------------------------------------------------------------------------------------------------------------
