@@ -202,6 +202,8 @@ def window_bytes(unet, nets, height: int, width: int, frames: int, branches: int
     as they come), then the UNet (motion modules included unless `motion=False`) with those residuals held.
     `reuse_branches` > 0: the reuse cache (diffutoon/reuse.py) holds that many branches' per-frame residuals and UNet
     prefixes for the window's frames beside the copies the call gets. Weights are not counted."""
+    if ff_chunk and ff_chunk >= branches * frames * (height // vae_scale_factor) * (width // vae_scale_factor):
+        ff_chunk = None  # no feed-forward sees more tokens than the first level's: the chunking changes nothing
     key = ("window", _config_key(unet), tuple(_config_key(n) for n in nets), height, width, frames, branches,
            memory_efficient, ff_chunk, reuse_branches, getattr(motion_context, "__name__", None), vae_scale_factor,
            text_tokens, joint_frames, motion, unet.dtype)
@@ -419,6 +421,12 @@ def plan_memory(pipe, height, width, context_length=16, batch_cfg=True, guidance
     options = [(had_memeff, None, False)] + sorted(  # as set up first; then memory-efficient attention, which is free
         ((True, ff, serial) for ff in FF_CHUNKS for serial in ((False, True) if batch_cfg and cfg else (False,))),
         key=lambda o: FF_COST[o[1]] * (SERIAL_CFG_COST if o[2] else 1.0))
+    tokens = 2 * context_length * (height // pipe.vae_scale_factor) * (width // pipe.vae_scale_factor)
+    options = [o for o in options if not o[1] or o[1] < tokens]  # a chunk holding every token changes nothing
+    least = dict(common, batch_cfg=False, forward_chunk_size=options[-1][1] or had_chunk, memory_efficient_attention=True,
+                 decode_chunk_size=1)
+    if estimate_memory(pipe, height, width, **least)["total"] > budget:  # not even with every saving
+        raise ValueError(_nothing_fits(pipe, height, width, budget, source, least))
     for memeff, ff, serial in options:
         ff = ff or had_chunk
         settings = dict(common, batch_cfg=batch_cfg and not serial, forward_chunk_size=ff,
@@ -437,10 +445,7 @@ def plan_memory(pipe, height, width, context_length=16, batch_cfg=True, guidance
              if decode != decode_chunk_size else [])
         return MemoryPlan(height, width, budget, source, batch_cfg and not serial, ff, memeff, decode, parts["total"],
                           parts, tuple(enabled), FF_COST.get(ff, 1.0) * (SERIAL_CFG_COST if serial else 1.0))
-    raise ValueError(_nothing_fits(pipe, height, width, budget, source, dict(common, batch_cfg=False,
-                                                                             forward_chunk_size=FF_CHUNKS[-1],
-                                                                             memory_efficient_attention=True,
-                                                                             decode_chunk_size=1)))
+    raise AssertionError("the plan with every saving fits, so one of the options does")
 
 
 def _scaled(height, width, s):
