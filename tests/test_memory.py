@@ -112,3 +112,17 @@ def test_memory_budget_strings():
     for bad in ("12", "twelve GB", 12):
         with pytest.raises(ValueError, match="12GB|unit"):
             memory.parse_bytes(bad)
+
+
+def test_cli_max_vram(capsys):
+    from diffutoon.cli import _memory_kwargs, build_parser
+
+    args = build_parser().parse_args(["render", "in.mp4", "--max-vram", "12GB"])
+    kwargs = _memory_kwargs(args)
+    assert kwargs["memory_budget"] == "12GB"
+    kwargs["progress_callback"]({"memory_plan": "512x512, 12.0 GB budget: no saving needed: 5.1 GB estimated"})
+    kwargs["progress_callback"]({"memory_plan": "512x512, 12.0 GB budget: no saving needed: 5.1 GB estimated"})
+    assert capsys.readouterr().out.count("memory plan: 512x512") == 1
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["render", "in.mp4", "--max-vram", "12"])
+    assert "--max-vram '12': write a size with a unit" in capsys.readouterr().err
