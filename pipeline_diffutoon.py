@@ -1136,7 +1136,8 @@ class DiffutoonPipeline(
                                        _per_net(controlnet_conditioning_scale, len(kinds)),
                                        sliding_windows(len(source), context_length, context_stride), guidance_scale,
                                        batch_cfg and (plan is None or plan.batch_cfg), cross_attention_kwargs,
-                                       reuse=reuse_across_windows, group=run.group)
+                                       reuse=reuse_across_windows and (plan is None or plan.reuse_across_windows),
+                                       group=run.group)
 
             # 6. Timesteps
             timesteps = self._timesteps(self.scheduler, num_inference_steps, strength, self._execution_device)

@@ -30,6 +30,9 @@ DECODE_CHUNKS = (8, 4, 2, 1)  # frames per VAE call the plan tries (never more t
 # smaller matrices; the second CFG branch re-reads every weight. bench/bench_memory.py measures them on CPU.
 FF_COST = {None: 1.0, 16384: 1.005, 4096: 1.02, 1024: 1.06}
 SERIAL_CFG_COST = 1.08
+# Without the reuse cache every window recomputes its frames' ControlNets and UNet prefix: 1 / 0.773 the work at
+# 1536x1536 (bench/RESULTS.md, "Work per frame"); the cache of a window of 16 frames x 2 branches is ~8 GB in fp16 there.
+NO_REUSE_COST = 1.29
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -308,6 +311,7 @@ class MemoryPlan:
     budget: int  # bytes the render may use, weights included
     budget_source: str  # "free" (the device's free memory minus a margin) or "given"
     batch_cfg: bool = True
+    reuse_across_windows: bool = True
     forward_chunk_size: int | None = None
     memory_efficient_attention: bool = False
     decode_chunk_size: int = 8
@@ -325,7 +329,8 @@ class MemoryPlan:
         """The editing branch's settings with the plan's VAE chunk."""
         if not settings:
             return settings
-        return {**settings, "decode_chunk_size": min(settings.get("decode_chunk_size", 8), self.decode_chunk_size)}
+        return {**settings, "decode_chunk_size": min(settings.get("decode_chunk_size", 8), self.decode_chunk_size),
+                "reuse_across_windows": settings.get("reuse_across_windows", True) and self.reuse_across_windows}
 
     def apply(self, pipe):
         """A context in which `pipe` runs with the plan's attention and feed-forward (restored on exit)."""
@@ -379,7 +384,7 @@ def estimate_memory(pipe, height, width, context_length=16, batch_cfg=True, guid
         parts["edit window"] = window_bytes(pipe.unet, pipe.edit_controlnets, e["height"], e["width"],
                                             e["context_length"], edit_cfg, memory_efficient=memeff,
                                             ff_chunk=forward_chunk_size, vae_scale_factor=scale, motion=False,
-                                            reuse_branches=edit_cfg if e.get("reuse_across_windows", True) else 0,
+                                            reuse_branches=edit_cfg if e.get("reuse_across_windows", True) and reuse_across_windows else 0,
                                             joint_frames=e["context_length"] if e.get("cross_frame_mode", "joint") == "joint" else None)
         parts["edit decode"] = vae_bytes(pipe.vae, e["height"], e["width"], edit_chunk, memory_efficient=memeff)
     parts["total"] = parts["weights"] + max(v for k, v in parts.items() if k != "weights")
@@ -418,19 +423,21 @@ def plan_memory(pipe, height, width, context_length=16, batch_cfg=True, guidance
     common = dict(context_length=context_length, guidance_scale=guidance_scale, reuse_across_windows=reuse_across_windows,
                   strength=strength, edit_settings=edit_settings, motion_context=motion_context)
     had_memeff, cfg, had_chunk = _has_memory_efficient_attention(pipe), guidance_scale > 1, forward_chunk_size(pipe.unet)
-    options = [(had_memeff, None, False)] + sorted(  # as set up first; then memory-efficient attention, which is free
-        ((True, ff, serial) for ff in FF_CHUNKS for serial in ((False, True) if batch_cfg and cfg else (False,))),
-        key=lambda o: FF_COST[o[1]] * (SERIAL_CFG_COST if o[2] else 1.0))
+    cost = lambda o: FF_COST[o[1]] * (SERIAL_CFG_COST if o[2] else 1.0) * (NO_REUSE_COST if o[3] else 1.0)  # noqa: E731
+    options = [(had_memeff, None, False, False)] + sorted(  # as set up first; then memory-efficient attention (free)
+        ((True, ff, serial, no_reuse) for ff in FF_CHUNKS for serial in ((False, True) if batch_cfg and cfg else (False,))
+         for no_reuse in ((False, True) if reuse_across_windows else (False,))), key=cost)
     tokens = 2 * context_length * (height // pipe.vae_scale_factor) * (width // pipe.vae_scale_factor)
     options = [o for o in options if not o[1] or o[1] < tokens]  # a chunk holding every token changes nothing
+    common.pop("reuse_across_windows")
     least = dict(common, batch_cfg=False, forward_chunk_size=options[-1][1] or had_chunk, memory_efficient_attention=True,
-                 decode_chunk_size=1)
+                 decode_chunk_size=1, reuse_across_windows=False)
     if estimate_memory(pipe, height, width, **least)["total"] > budget:  # not even with every saving
         raise ValueError(_nothing_fits(pipe, height, width, budget, source, least))
-    for memeff, ff, serial in options:
+    for memeff, ff, serial, no_reuse in options:
         ff = ff or had_chunk
         settings = dict(common, batch_cfg=batch_cfg and not serial, forward_chunk_size=ff,
-                        memory_efficient_attention=memeff)
+                        memory_efficient_attention=memeff, reuse_across_windows=reuse_across_windows and not no_reuse)
         parts = estimate_memory(pipe, height, width, decode_chunk_size=1, **settings)
         if parts["total"] > budget:
             continue
@@ -441,10 +448,12 @@ def plan_memory(pipe, height, width, context_length=16, batch_cfg=True, guidance
         enabled = (["memory-efficient attention"] if memeff and not had_memeff else []) + \
             (["one CFG branch per call"] if serial else []) + \
             ([f"feed-forward in chunks of {ff} tokens"] if ff and ff != had_chunk else []) + \
+            (["no reuse across windows"] if no_reuse else []) + \
             ([f"VAE {'encode and ' if strength < 1 else ''}decode {decode} frame{'s' if decode > 1 else ''} at a time"]
              if decode != decode_chunk_size else [])
-        return MemoryPlan(height, width, budget, source, batch_cfg and not serial, ff, memeff, decode, parts["total"],
-                          parts, tuple(enabled), FF_COST.get(ff, 1.0) * (SERIAL_CFG_COST if serial else 1.0))
+        return MemoryPlan(height, width, budget, source, batch_cfg and not serial, reuse_across_windows and not no_reuse,
+                          ff, memeff, decode, parts["total"], parts, tuple(enabled),
+                          cost((memeff, ff if ff != had_chunk else None, serial, no_reuse)))
     raise AssertionError("the plan with every saving fits, so one of the options does")
 
 
