@@ -723,8 +723,8 @@ class DiffutoonPipeline(
             image = (image.to(device).to(dtype) / 255).repeat(b, 1, 1, 1)
             d, m = net(frames_latents, t, encoder_hidden_states=embeds, controlnet_cond=image,
                        conditioning_scale=scale, return_dict=False)
-            down = d if down is None else [x + y for x, y in zip(down, d)]
-            mid = m if mid is None else mid + m
+            down = d if down is None else [x.add_(y) for x, y in zip(down, d)]  # in place: one set fewer held
+            mid = m if mid is None else mid.add_(m)
         return down, mid
 
     def _branch_noise_pred(self, latents, t, embeds, cond, start, end, reuse=None, key="single"):

@@ -113,8 +113,8 @@ def run_controlnets(nets, latents, t, embeds, images, scale=0.5):
     down, mid = None, None
     for net in nets:
         d, m = net(x, t, encoder_hidden_states=embeds, controlnet_cond=images, conditioning_scale=scale, return_dict=False)
-        down = d if down is None else [p + q for p, q in zip(down, d)]
-        mid = m if mid is None else mid + m
+        down = d if down is None else [p.add_(q) for p, q in zip(down, d)]  # in place, as the pipeline sums them
+        mid = m if mid is None else mid.add_(m)
     return down, mid
 
 

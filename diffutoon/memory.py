@@ -234,8 +234,8 @@ def window_trace(unet, nets, height, width, frames, branches, memory_efficient=T
             image = torch.empty(branches * frames, 3, height, width, device=meta, dtype=dtype)
             d, m = net(x, t, encoder_hidden_states=embeds, controlnet_cond=image, conditioning_scale=0.5,
                        return_dict=False)
-            down = d if down is None else [p + q for p, q in zip(down, d)]
-            mid = m if mid is None else mid + m
+            down = d if down is None else [p.add_(q) for p, q in zip(down, d)]  # as the pipeline sums them
+            mid = m if mid is None else mid.add_(m)
             del image, d, m
         del x
         held = None
