@@ -343,7 +343,10 @@ def _applied(pipe, plan):
     chunks = [forward_chunk_size(m) for m in components]
     attention = plan.memory_efficient_attention and getattr(pipe, "_memory_efficient_snapshot", None) is None
     if attention:
-        pipe.enable_memory_efficient_attention()
+        try:
+            pipe.enable_memory_efficient_attention()
+        except ImportError:  # a Hub folder without the project's processors: diffusers' SDPA picks flash on CUDA
+            attention = False
     if plan.forward_chunk_size:
         for m in components:
             set_forward_chunking(m, plan.forward_chunk_size)
