@@ -87,6 +87,8 @@ try:  # the installed package: one class, whatever loaded this file (saved pipel
     DistributedError, broadcast_frames, map_chunks, open_shared_run, process_group, process_rank = _import_names(
         "diffutoon.distributed", "DistributedError", "broadcast_frames", "map_chunks", "open_shared_run",
         "process_group", "process_rank")
+    MemoryPlan, plan_memory, set_forward_chunking = _import_names("diffutoon.memory", "MemoryPlan", "plan_memory",
+                                                                   "set_forward_chunking")
 except ImportError:
     if not __package__:
         raise
@@ -99,6 +101,7 @@ except ImportError:
     from .diffutoon.reuse import WindowReuse, compute_prefix, has_prefix
     from .diffutoon.distributed import (DistributedError, broadcast_frames, map_chunks,  # noqa: F401
                                         open_shared_run, process_group, process_rank)
+    from .diffutoon.memory import MemoryPlan, plan_memory, set_forward_chunking
 # <<< main-pass modules <<<
 
 DEFAULT_PROMPT = "best quality, perfect anime illustration, light"  # SPEC's example adds its subject: "a girl is dancing, smile, solo"
@@ -574,6 +577,51 @@ class DiffutoonPipeline(
             _import("attention_processors", "disable_memory_efficient_attention").restore_attn_processors(self, snapshot)
             self._memory_efficient_snapshot = None
 
+    def enable_forward_chunking(self, chunk_size: int = 4096):
+        """Feed-forward on at most `chunk_size` tokens at a time in every transformer block: the UNet's, its motion
+        modules' and the ControlNets' (main and editing). Exact (per token); the 4x-wide intermediate is held for one
+        chunk only: 6 GB in fp16 for 32 frames at 1536x1536 unchunked. See diffutoon/memory.py."""
+        for model in (self.unet, *self.controlnets, *self.edit_controlnets):
+            set_forward_chunking(model, chunk_size)
+
+    def disable_forward_chunking(self):
+        """Every feed-forward on all its tokens at once again."""
+        for model in (self.unet, *self.controlnets, *self.edit_controlnets):
+            set_forward_chunking(model, None)
+
+    def plan_memory(self, height: int = 512, width: int = 512, context_length: int = 16, batch_cfg: bool = True,
+                    guidance_scale: float = 7.0, decode_chunk_size: int = 8, reuse_across_windows: bool = True,
+                    strength: float = 1.0, motion_groupnorm: str = "per_frame", edit_prompt: str | None = None,
+                    edit_kwargs: dict | None = None, memory_budget: str | int | None = None) -> MemoryPlan:
+        """The fastest exact savings (memory-efficient attention, feed-forward chunks, one CFG branch per call, fewer
+        frames per VAE call) whose estimated peak fits `memory_budget` ("12GB"; default: the CUDA device's free
+        memory minus a margin), for a call with these settings. `str(plan)` is one line; `pipe(...,
+        memory_plan=plan)` runs with it. ValueError, naming the largest size that fits, if nothing does. Model CPU
+        offload (`enable_model_cpu_offload`) is the slow last resort, never chosen for you."""
+        edit = None
+        if edit_prompt is not None:
+            defaults = {k: p.default for k, p in inspect.signature(self.make_color_video).parameters.items()
+                        if p.default is not inspect.Parameter.empty}
+            edit = {**defaults, **(edit_kwargs or {})}
+        return plan_memory(self, height, width, context_length, batch_cfg, guidance_scale, decode_chunk_size,
+                           reuse_across_windows, strength, edit, memory_budget,
+                           per_frame_motion_groupnorm if motion_groupnorm == "per_frame" else None)
+
+    def _call_plan(self, memory_plan, memory_budget, height, width, context_length, batch_cfg, guidance_scale,
+                   decode_chunk_size, reuse_across_windows, strength, motion_groupnorm, edit_settings):
+        """`__call__`'s plan: "auto" plans on CUDA (off CUDA only with a budget), None never, a `MemoryPlan` as given."""
+        if memory_plan is None or isinstance(memory_plan, MemoryPlan):
+            return memory_plan
+        if memory_plan != "auto":
+            raise ValueError(f"memory_plan must be 'auto', None or a MemoryPlan (pipe.plan_memory), got {memory_plan!r}.")
+        if memory_budget is None and self._execution_device.type != "cuda":
+            return None
+        plan = plan_memory(self, height, width, context_length, batch_cfg, guidance_scale, decode_chunk_size,
+                           reuse_across_windows, strength, edit_settings or None, memory_budget,
+                           per_frame_motion_groupnorm if motion_groupnorm == "per_frame" else None)
+        logger.info(f"memory plan: {plan}")
+        return plan
+
     # ------------------------------------------------------------------------------------------------------------
     # Text
 
@@ -702,8 +750,8 @@ class DiffutoonPipeline(
             image = (image.to(device).to(dtype) / 255).repeat(b, 1, 1, 1)
             d, m = net(frames_latents, t, encoder_hidden_states=embeds, controlnet_cond=image,
                        conditioning_scale=scale, return_dict=False)
-            down = d if down is None else [x + y for x, y in zip(down, d)]
-            mid = m if mid is None else mid + m
+            down = d if down is None else [x.add_(y) for x, y in zip(down, d)]  # in place: one set fewer held
+            mid = m if mid is None else mid.add_(m)
         return down, mid
 
     def _branch_noise_pred(self, latents, t, embeds, cond, start, end, reuse=None, key="single"):
@@ -1010,6 +1058,8 @@ class DiffutoonPipeline(
         progress_callback: Callable[[dict], None] | None = None,
         distributed: bool | None = None,
         overwrite: bool = False,
+        memory_plan: str | MemoryPlan | None = "auto",
+        memory_budget: str | int | None = None,
     ):
         r"""Render `video` in the toon style.
 
@@ -1061,6 +1111,11 @@ class DiffutoonPipeline(
                 `render_dir` and writes `output_path`, and gets the frames (the others get `frames=None`). False: each
                 process renders on its own; True: require a process group. See README "Several GPUs".
             overwrite (False): replace an existing `output_path` (else refused before any work, as the CLI does).
+            memory_plan ("auto"): on CUDA, pick the fastest exact savings whose estimated peak fits the device's free
+                memory (or `memory_budget`) and log it in one line (progress dict key "memory_plan"); off CUDA only
+                with a `memory_budget`. None: run as set up. A `MemoryPlan` (`pipe.plan_memory(...)`): that one.
+                Nothing fits: a ValueError naming the largest size that does, before any frame is read.
+            memory_budget: the memory the render may use, weights included, e.g. "12GB" (default: the free memory).
 
         Setting `pipe._interrupt = True` (from a callback or another thread) stops at the next window. With
         `render_dir`, the call then returns `frames=None, interrupted=True` and the folder resumes it later;
@@ -1085,6 +1140,8 @@ class DiffutoonPipeline(
                           output_type, callback_on_step_end_tensor_inputs, latents, clip_skip, decode_chunk_size)
         edit_settings = self._check_edit(source, edit_prompt, color_video, edit_kwargs)
         fps = self._check_output(output_path, fps, source, overwrite)
+        plan = self._call_plan(memory_plan, memory_budget, height, width, context_length, batch_cfg, guidance_scale,
+                               decode_chunk_size, reuse_across_windows, strength, motion_groupnorm, edit_settings)
         prompt = prompt if isinstance(prompt, str) else prompt[0]
         negative_prompt = "" if negative_prompt is None else negative_prompt if isinstance(negative_prompt, str) else negative_prompt[0]
         kinds = self.config.controlnet_conditions.split(",")
@@ -1093,7 +1150,11 @@ class DiffutoonPipeline(
 
         # 2. The render's state: in host memory, or a render folder that survives a crash (and resumes this render)
         run = self._open_render(render_dir, fresh, progress_callback, arguments, source, height, width, edit_settings)
-        with run:  # on success the folder goes (unless kept); on an error or an interrupt it stays, resumable
+        saving = plan.apply(self) if plan is not None else nullcontext()  # the plan's attention and feed-forward
+        with run, saving:  # on success the folder goes (unless kept); on an error or an interrupt it stays, resumable
+            if plan is not None:  # exact savings: the same frames within float rounding (the identity is the call's)
+                decode_chunk_size, edit_settings = plan.decode_chunk_size, plan.edit_settings(edit_settings)
+                run.report(memory_plan=str(plan))
             # 3. The editing branch (optional): a prompt-edited, deflickered colour video for the tile ControlNet
             if edit_prompt is not None:
                 edit_settings.setdefault("cross_attention_kwargs", cross_attention_kwargs)  # LoRA scales: both passes
@@ -1114,7 +1175,9 @@ class DiffutoonPipeline(
             cond = DiffutoonConditions(prompt_embeds, negative_prompt_embeds, control_frames,
                                        _per_net(controlnet_conditioning_scale, len(kinds)),
                                        sliding_windows(len(source), context_length, context_stride), guidance_scale,
-                                       batch_cfg, cross_attention_kwargs, reuse=reuse_across_windows, group=run.group)
+                                       batch_cfg and (plan is None or plan.batch_cfg), cross_attention_kwargs,
+                                       reuse=reuse_across_windows and (plan is None or plan.reuse_across_windows),
+                                       group=run.group)
 
             # 6. Timesteps
             timesteps = self._timesteps(self.scheduler, num_inference_steps, strength, self._execution_device)
@@ -1214,7 +1277,7 @@ class DiffutoonPipeline(
         """Every setting that changes the result, the input, the models, the versions."""
         ignored = ("self", "video", "output_type", "return_dict", "callback_on_step_end", "render_dir", "fresh",
                    "keep_render_dir", "output_path", "fps", "progress_callback", "edit_kwargs", "distributed",
-                   "decode_chunk_size", "overwrite")  # operational: they do not change the frames
+                   "decode_chunk_size", "overwrite", "memory_plan", "memory_budget")  # operational: they do not change the frames
         settings = {k: setting_identity(v) for k, v in arguments.items() if k not in ignored}
         settings["edit"] = {k: setting_identity(v) for k, v in edit_settings.items() if k not in ignored}
         settings["scheduler"] = [type(self.scheduler).__name__,

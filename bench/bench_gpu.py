@@ -20,6 +20,8 @@ Targets printed next to the results: a 1536x1536 window of 16 in <= 16 GB in fp1
 peak in the UNet.
 
     python bench/bench_gpu.py --sizes 1024 1536 --out gpu-results          # CUDA; ~4 min on an H100/H200 (estimate)
+    python bench/bench_gpu.py --sizes 1024 1536 --dtypes float16 --budget-s 420 --out gpu-memory  # issue 18's check:
+        # measured peak next to diffutoon.memory's estimate (goal: within 15 %), s per frame-step, UNet % of fp16 peak
     python bench/bench_gpu.py --sizes 1536 --dtypes float16 --compile --out gpu-compile   # + torch.compile
     python bench/bench_gpu.py --device cpu --config tiny --sizes 64 --dtypes float32 bfloat16 --out /tmp/smoke
     python bench/bench_gpu.py --estimate-memory --sizes 1024 1536    # peak memory counted on meta, no GPU needed
@@ -36,6 +38,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench_flops  # noqa: E402
+from diffutoon.memory import set_forward_chunking, window_bytes  # noqa: E402
 
 # dense (no sparsity) fp16/bf16 tensor-core peak, TFLOP/s, by a piece of torch.cuda.get_device_name(); first match wins
 PEAK_TFLOPS = [("H200", 989), ("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H800", 989), ("A100", 312),
@@ -110,8 +113,8 @@ def run_controlnets(nets, latents, t, embeds, images, scale=0.5):
     down, mid = None, None
     for net in nets:
         d, m = net(x, t, encoder_hidden_states=embeds, controlnet_cond=images, conditioning_scale=scale, return_dict=False)
-        down = d if down is None else [p + q for p, q in zip(down, d)]
-        mid = m if mid is None else mid + m
+        down = d if down is None else [p.add_(q) for p, q in zip(down, d)]  # in place, as the pipeline sums them
+        mid = m if mid is None else mid.add_(m)
     return down, mid
 
 
@@ -130,31 +133,10 @@ def make_inputs(unet, size, frames, branches, device, dtype, seed=0):
                 embeds=embeds.repeat_interleave(frames, dim=0).to(device, dtype), images=images.to(device, dtype))
 
 
-class ChunkedFeedForward(torch.nn.Module):
-    """A transformer block's feed-forward on at most `rows` tokens at a time (it is per token, so the result is the
-    same): the GEGLU intermediate (8x the channels) of 32 frames x 36,864 tokens is 6 GB in fp16 at 1536x1536."""
-
-    def __init__(self, ff, rows):
-        super().__init__()
-        self.ff, self.rows = ff, rows
-
-    def forward(self, hidden_states, *args, **kwargs):
-        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
-        out = torch.cat([self.ff(part, *args, **kwargs) for part in flat.split(self.rows)])
-        return out.reshape(*hidden_states.shape[:-1], out.shape[-1])
+FF_ROWS = 32768  # the `ff` variant: feed-forward on at most this many tokens at a time (diffutoon.memory)
 
 
-def set_feed_forward_chunks(model, rows=None):
-    """Wrap (rows) or unwrap (None) every transformer block's feed-forward, spatial and motion ones."""
-    for block in [m for m in model.modules() if not isinstance(m, ChunkedFeedForward)]:
-        ff = getattr(block, "ff", None)
-        if isinstance(ff, ChunkedFeedForward):
-            block.ff = ff.ff
-        if rows and getattr(block, "ff", None) is not None:
-            block.ff = ChunkedFeedForward(block.ff, rows)
-
-
-def set_variant(unet, nets, variant, ff_rows=32768, compile_backend="inductor"):
+def set_variant(unet, nets, variant, ff_rows=FF_ROWS, compile_backend="inductor"):
     """Apply a variant to the models in place (attention, memory format, feed-forward chunks); returns the callables
     to run and the memory format of the inputs."""
     from diffusers.models.attention_processor import AttnProcessor2_0
@@ -171,7 +153,7 @@ def set_variant(unet, nets, variant, ff_rows=32768, compile_backend="inductor"):
         model.set_attn_processor(AttnProcessor2_0())
         if "memeff" in tokens:
             enable_memory_efficient_attention(model)
-        set_feed_forward_chunks(model, ff_rows if "ff" in tokens else None)
+        set_forward_chunking(model, ff_rows if "ff" in tokens else None)
         model.to(memory_format=fmt)
     if "compile" in tokens:
         compiled = lambda m: torch.compile(m, backend=compile_backend)
@@ -239,28 +221,19 @@ def measure(unet, nets, variant, inputs, warmup, repeats, device, compile_backen
 # -----------------------------------------------------------------------------------------------------------------
 # Peak memory without an accelerator: tensor bytes counted on the meta device
 
-@torch.no_grad()
 def estimate_peak(unet, nets, size, frames, branches, ff):
-    """Peak bytes of live tensors during one window on the meta device (weights excluded), counted as
-    bench_attention.py does; attention as a flash kernel allocates it (its output only, no score matrix)."""
-    from attention_processors import MemoryEfficientAttnProcessor
-    from bench_attention import LiveTensorBytes
+    """Peak bytes of live tensors during one window (weights excluded), as `diffutoon.memory` estimates it on the
+    meta device: attention as a flash kernel allocates it (its output only, no score matrix)."""
     from pipeline_diffutoon import per_frame_motion_groupnorm
 
-    class FlashLike(MemoryEfficientAttnProcessor):
-        def attend(self, attn, q, k, v, mask, is_self):
-            return torch.empty(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, device=q.device)
+    return window_bytes(unet, nets, size, size, frames, branches, memory_efficient=True,
+                        ff_chunk=FF_ROWS if ff else None, motion_context=per_frame_motion_groupnorm)
 
-    for model in (unet, *nets):
-        model.set_attn_processor(FlashLike())
-        set_feed_forward_chunks(model, 32768 if ff else None)
-    dtype = next(unet.parameters()).dtype
-    with per_frame_motion_groupnorm(unet), LiveTensorBytes() as mem:
-        inputs = make_inputs(unet, size, frames, branches, torch.device("meta"), dtype)
-        args = (inputs["latents"], inputs["t"], inputs["embeds"])
-        down, mid = run_controlnets(nets, *args, inputs["images"])
-        run_unet(unet, *args, down, mid)
-    return mem.peak
+
+def variant_estimate(unet, nets, variant, size, frames, branches):
+    """The estimator's peak for what `measure` runs (no reuse cache; `serial`: one branch per call)."""
+    tokens = variant.split("+")
+    return estimate_peak(unet, nets, size, frames, 1 if "serial" in tokens else branches, "ff" in tokens)
 
 
 def estimate_memory(kind, sizes, frames, dtype=torch.float16):
@@ -305,17 +278,18 @@ def fmt(x, spec=".3g"):
 
 def markdown(rows, peak_note):
     lines = [f"peak table: {peak_note}", "",
-             "| size | dtype | variant | peak GB (weights) | window s | s per window frame-step | s per output frame-step, "
+             "| size | dtype | variant | peak GB (weights) | estimated GB (measured / estimated) | window s | s per window frame-step | s per output frame-step, "
              "reference / reuse (est.) | UNet TFLOP/s (% peak) | ControlNets TFLOP/s (% peak) | window TFLOP/s (% peak) "
              "| vs eager (rel. rms) | first call s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['size']} | {r['dtype']} | {r['variant']} | {r['error']} |||||||||")
+            lines.append(f"| {r['size']} | {r['dtype']} | {r['variant']} | {r['error']} ||||||||||")
             continue
         pct = lambda key: f"{r[key + '_tflops']:.3g} ({fmt(r[key + '_fraction_of_peak'] and 100 * r[key + '_fraction_of_peak'], '.0f')} %)"
-        lines.append(f"| {r['size']} | {r['dtype']} | {r['variant']} | {fmt(r['peak_gb'], '.1f')} ({r['weights_gb']:.3g}) | "
-                     f"{r['window_s']:.3g} | {r['s_per_window_frame_step']:.3g} | "
+        ratio = r["peak_gb"] / r["estimate_gb"] if r["peak_gb"] is not None else None
+        lines.append(f"| {r['size']} | {r['dtype']} | {r['variant']} | {fmt(r['peak_gb'], '.2f')} ({r['weights_gb']:.3g}) | "
+                     f"{r['estimate_gb']:.2f} ({fmt(ratio, '.2f')}) | {r['window_s']:.3g} | {r['s_per_window_frame_step']:.3g} | "
                      f"{r['s_per_output_frame_step_reference']:.3g} / {r['s_per_output_frame_step_reuse_estimate']:.3g} | "
                      f"{pct('unet')} | {pct('controlnets')} | {pct('window')} | {r['rel_rms_vs_eager']:.1e} "
                      f"({'ok' if r['within_tolerance'] else 'OFF'}) | {r['first_call_s']:.3g} |")
@@ -410,12 +384,14 @@ def main(argv=None):
                     continue
                 eager = out if eager is None else eager
                 err = rel_rms(out, eager)
+                estimate = (variant_estimate(unet, nets, variant, size, args.frames, args.branches) + weights) / GB
                 row.update(summarize(result, flops, peak if dtype_name != "float32" else None, args.frames, coverage),
-                           rel_rms_vs_eager=err, finite=bool(torch.isfinite(out).all()),
+                           rel_rms_vs_eager=err, finite=bool(torch.isfinite(out).all()), estimate_gb=estimate,
                            within_tolerance=bool(err <= TOLERANCE[dtype_name] and torch.isfinite(out).all()))
                 rows.append(row)
                 print(f"{size} {dtype_name} {variant}: window {row['window_s']:.3g} s, UNet {row['unet_tflops']:.3g} "
-                      f"TFLOP/s, peak {fmt(row['peak_gb'], '.1f')} GB, vs eager {err:.1e}", flush=True)
+                      f"TFLOP/s, peak {fmt(row['peak_gb'], '.2f')} GB (estimated {estimate:.2f} GB), vs eager {err:.1e}",
+                      flush=True)
                 del out
             del inputs
         del unet, nets

@@ -24,9 +24,41 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def rss_mb() -> float:
+def rss_mb(kind: str = "VmRSS") -> float:
+    """This process's resident memory (MB): VmRSS, or its anonymous (RssAnon) or file-backed (RssFile) part."""
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+        return next(int(line.split()[1]) for line in f if line.startswith(kind + ":")) / 1024
+
+
+class PeakSampler:
+    """Peaks of the anonymous and the file-backed resident memory, sampled every `every` seconds by a thread: the
+    kernel keeps a high-water mark of their sum only (VmHWM). Pages of memory-mapped frame arrays are file-backed:
+    the kernel drops them under pressure; anonymous memory is what a render really holds."""
+
+    def __init__(self, every: float = 0.02):
+        import threading
+
+        self.every, self.peak = every, {"RssAnon": 0.0, "RssFile": 0.0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.every)
+
+    def sample(self):
+        for kind in self.peak:
+            self.peak[kind] = max(self.peak[kind], rss_mb(kind))
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.sample()
 
 
 def _edges(image, detect_resolution=None, image_resolution=None):
@@ -52,17 +84,20 @@ def one_run(mode: str, frames: int, size: int, source: str, folder: str, annotat
     clip = vio.VideoClip(source, indices=range(frames))
     if mode == "in memory":
         video = vio.read_frames(clip.reader, clip.indices, progress=False)
-    baseline = rss_mb()
+    baseline, anon0, file0 = rss_mb(), rss_mb("RssAnon"), rss_mb("RssFile")
     start = time.time()
-    if mode == "streamed":
-        pipe(video=clip, render_dir=folder, output_path=Path(folder).with_suffix(".mp4"), **common)
-    else:
-        result = vio.to_uint8(pipe(video=video, output_type="np", **common).frames[0])  # what a caller then holds
-        assert len(result) == frames
+    with PeakSampler() as sampler:
+        if mode == "streamed":
+            pipe(video=clip, render_dir=folder, output_path=Path(folder).with_suffix(".mp4"), **common)
+        else:
+            result = vio.to_uint8(pipe(video=video, output_type="np", **common).frames[0])  # what a caller then holds
+            assert len(result) == frames
     seconds = time.time() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"mode": mode, "frames": frames, "size": size, "seconds": round(seconds, 1),
-            "rss_after_loading_mb": round(baseline), "peak_rss_mb": round(peak), "growth_mb": round(peak - baseline)}
+            "rss_after_loading_mb": round(baseline), "peak_rss_mb": round(peak), "growth_mb": round(peak - baseline),
+            "anon_growth_mb": round(sampler.peak["RssAnon"] - anon0, 1),
+            "file_growth_mb": round(sampler.peak["RssFile"] - file0, 1)}
 
 
 def rss_table(frame_counts, size, modes, annotator):
@@ -81,10 +116,11 @@ def rss_table(frame_counts, size, modes, annotator):
                     raise RuntimeError(out.stderr[-2000:])
                 rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
                 print(json.dumps(rows[-1]), flush=True)
-    print("\n| frames | mode | s | RSS after loading MB | peak RSS MB | growth MB |\n|---|---|---|---|---|---|")
+    print("\n| frames | mode | s | RSS after loading MB | peak RSS MB | growth MB | anonymous growth MB | "
+          "file-backed growth MB |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['frames']} | {r['mode']} | {r['seconds']} | {r['rss_after_loading_mb']} | {r['peak_rss_mb']} | "
-              f"{r['growth_mb']} |")
+              f"{r['growth_mb']} | {r['anon_growth_mb']} | {r['file_growth_mb']} |")
     return rows
 
 

@@ -103,6 +103,37 @@ def _common():
     return common
 
 
+def _memory_options():
+    """--max-vram (issue 18): the memory plan's budget."""
+    parser = _Parser(add_help=False)
+    parser.add_argument("--max-vram", metavar="SIZE", type=_vram,
+                        help="accelerator memory the render may use, weights included, e.g. 12GB: the pipeline picks "
+                        "the fastest exact savings that fit (default on CUDA: the free memory) and prints its plan")
+    return parser
+
+
+def _vram(text):
+    from diffutoon.memory import parse_bytes
+
+    try:
+        parse_bytes(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error).replace("memory_budget=", "--max-vram ")) from None
+    return text
+
+
+def _memory_kwargs(args) -> dict:
+    """The pipeline arguments of --max-vram, and a progress callback printing the plan's line once."""
+    shown = []
+
+    def show(progress):
+        if "memory_plan" in progress and not shown and not args.quiet:
+            shown.append(print(f"memory plan: {progress['memory_plan']}", flush=True))
+
+    budget = getattr(args, "max_vram", None)
+    return dict(progress_callback=show, **({"memory_budget": budget} if budget else {}))
+
+
 def _span():
     span = _Parser(add_help=False)
     g = span.add_argument_group("frame range (numbers are frames, or seconds with an s: 2.5s)")
@@ -197,7 +228,8 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True, metavar="{render,deflicker,demo,ui}",
                                 parser_class=_Parser)
 
-    p = sub.add_parser("render", parents=[_span(), _render_folder_options(), _generation(), _models(), _common()],
+    p = sub.add_parser("render", parents=[_span(), _render_folder_options(), _generation(), _models(), _common(),
+                                            _memory_options()],
                        help="render a video in toon style",
                        description="Render a video in toon style (Diffutoon's main pass; with --edit-prompt the "
                        "editing branch runs first). Output: the source's fps, length and audio by default.")
@@ -397,6 +429,8 @@ def _run_pipeline(args, pipe, clip, detector, edit_extra=None, **extra):
         kwargs["edit_prompt"] = args.edit_prompt
         kwargs["edit_kwargs"] = dict(height=args.edit_height, width=args.edit_width, num_inference_steps=args.edit_steps,
                                      strength=args.edit_strength, **(edit_extra or {}))
+    for key, value in _memory_kwargs(args).items():
+        kwargs.setdefault(key, value)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=args.quiet)
     return pipe(**kwargs)

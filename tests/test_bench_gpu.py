@@ -44,18 +44,16 @@ def test_cpu_path_bfloat16_channels_last_within_rounding(tmp_path):
     assert rows[1]["finite"] and rows[1]["rel_rms_vs_eager"] < bench_gpu.TOLERANCE["bfloat16"], rows[1]
 
 
-def test_feed_forward_chunks_wrap_and_unwrap():
+def test_ff_variant_chunks_every_feed_forward_with_the_package():
+    from diffutoon.memory import ChunkedFeedForward
+
     unet, nets = bench_gpu.build("tiny", "cpu", torch.float32)
-    count = lambda m: sum(isinstance(x, bench_gpu.ChunkedFeedForward) for x in m.modules())
+    count = lambda m: sum(isinstance(x, ChunkedFeedForward) for x in m.modules())
     blocks = sum(getattr(x, "ff", None) is not None for x in unet.modules())
-    bench_gpu.set_feed_forward_chunks(unet, 7)
-    bench_gpu.set_feed_forward_chunks(unet, 7)  # idempotent: no wrapper inside a wrapper
-    assert count(unet) == blocks > 0
-    bench_gpu.set_feed_forward_chunks(unet, None)
+    bench_gpu.set_variant(unet, nets, "memeff+ff")
+    assert count(unet) == blocks > 0 and count(nets[0]) > 0
+    bench_gpu.set_variant(unet, nets, "memeff")
     assert count(unet) == 0
-    x = torch.randn(2, 5, unet.down_blocks[0].attentions[0].transformer_blocks[0].ff.net[2].out_features)
-    ff = unet.down_blocks[0].attentions[0].transformer_blocks[0].ff
-    torch.testing.assert_close(bench_gpu.ChunkedFeedForward(ff, 3)(x), ff(x))
 
 
 def test_compile_variant_wraps_the_models_it_runs():

@@ -1,0 +1,157 @@
+"""The memory plan (issue 18): which exact savings fit which card, what they cost, and how good the estimate is.
+
+1. Size x budget (no accelerator needed): the real SD1.5 UNet + AnimateDiff v2 motion modules + 2 ControlNets v1.1
+   + SD VAE + CLIP text encoder, fp16, windows of 16 with the paper's batched CFG and the reuse cache: the fastest
+   plan `diffutoon.memory.plan_memory` finds for 1536x1536 in 12 GB, 1024x1024 in 8 GB, 512x512 in 4 GB, against
+   the estimate of the call as set up (memory-efficient attention counted as flash: output only).
+2. Time cost of each saving against none, measured on the CPU on one window (bench_gpu's `--config tiny` models,
+   float32): the FLOPs are the same by construction (the same ops on the same tokens); what is slower is one CFG
+   branch per call (every weight read twice, half the batch per kernel) and feed-forward chunks (more, smaller
+   matmuls). A CPU's ratios are not a GPU's: bench_gpu.py measures them there.
+3. The estimate (meta device, stand-in kernels) against the bytes the same calls allocate for real on the CPU
+   (live tensor storages, counted by a TorchDispatchMode), tiny and mid-size models.
+
+    python bench/bench_memory.py                  # all three, ~2-4 min on a busy 2-core CPU
+    python bench/bench_memory.py --skip-timing    # tables 1 and 3 only
+"""
+
+import argparse
+import os
+import sys
+import time
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bench_gpu  # noqa: E402
+from diffutoon import memory  # noqa: E402
+from pipeline_diffutoon import per_frame_motion_groupnorm  # noqa: E402
+
+GB = 1e9
+GOALS = [(1536, "12GB"), (1024, "8GB"), (512, "4GB")]
+
+
+def meta_pipeline(dtype=torch.float16):
+    """What the estimator reads of a pipeline, with the real SD1.5 configurations on the meta device."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet, nets = bench_gpu.build("real", "meta", dtype)
+    with torch.device("meta"):
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            sample_size=512).to(dtype)
+        text = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                            num_attention_heads=12, max_position_embeddings=77)).to(dtype)
+    return SimpleNamespace(unet=unet, controlnets=nets, edit_controlnets=[], vae=vae, text_encoder=text,
+                           vae_scale_factor=8, _execution_device=torch.device("meta"))
+
+
+def size_budget_table():
+    pipe = meta_pipeline()
+    lines = ["| size | budget | as set up (batched CFG, decode 8), GB | fastest plan that fits | estimated GB | "
+             "window / VAE decode / weights GB | est. time vs as set up | planning s |", "|---|---|---|---|---|---|---|---|"]
+    for size, budget in GOALS:
+        start = time.time()
+        setup = memory.estimate_memory(pipe, size, size, memory_efficient_attention=True,
+                                       motion_context=per_frame_motion_groupnorm)
+        try:
+            plan = memory.plan_memory(pipe, size, size, memory_budget=budget, motion_context=per_frame_motion_groupnorm)
+        except ValueError as error:
+            lines.append(f"| {size} | {budget} | {setup['total'] / GB:.1f} | nothing fits: {error} |||||")
+            continue
+        seconds = time.time() - start
+        p = plan.parts
+        lines.append(f"| {size}x{size} | {budget} | {setup['total'] / GB:.1f} | {', '.join(plan.enabled) or '-'} | "
+                     f"{plan.estimate / GB:.1f} | {p['window'] / GB:.1f} / {p['decode'] / GB:.1f} / "
+                     f"{p['weights'] / GB:.1f} | {plan.relative_time:.2f} | {seconds:.1f} |")
+        print(f"plan: {plan}", flush=True)
+    return "\n".join(lines)
+
+
+def timing_table(size=256, frames=16, repeats=2):
+    """CPU seconds of one window (ControlNets + UNet) with each saving, against none."""
+    unet, nets = bench_gpu.build("tiny", "cpu", torch.float32)
+    inputs = bench_gpu.make_inputs(unet, size, frames, 2, torch.device("cpu"), torch.float32)
+    tokens = 2 * frames * (size // 8) ** 2
+    variants = [("none (batched CFG)", None, False), ("feed-forward in chunks of 4096 tokens", 4096, False),
+                ("feed-forward in chunks of 1024 tokens", 1024, False), ("one CFG branch per call", None, True),
+                ("one CFG branch per call + chunks of 4096", 4096, True)]
+    rows, base, reference = [], None, None
+    for name, ff, serial in variants:
+        for model in (unet, *nets):
+            memory.set_forward_chunking(model, ff)
+        groups = [(0, 1), (1, 2)] if serial else [(0, 2)]
+        best, out = float("inf"), None
+        with torch.no_grad(), per_frame_motion_groupnorm(unet):
+            for _ in range(repeats):
+                start = time.perf_counter()
+                outs = []
+                for b0, b1 in groups:
+                    lat, emb = inputs["latents"][b0:b1], inputs["embeds"][b0 * frames:b1 * frames]
+                    down, mid = bench_gpu.run_controlnets(nets, lat, inputs["t"], emb,
+                                                          inputs["images"][b0 * frames:b1 * frames])
+                    outs.append(bench_gpu.run_unet(unet, lat, inputs["t"], emb, down, mid))
+                best, out = min(best, time.perf_counter() - start), torch.cat(outs)
+        base = base or best
+        reference = out if reference is None else reference
+        rows.append(f"| {name} | {best:.2f} | {best / base:.2f} | {bench_gpu.rel_rms(out, reference):.1e} |")
+        print(rows[-1], flush=True)
+    for model in (unet, *nets):
+        memory.set_forward_chunking(model, None)
+    return (f"CPU, bench_gpu tiny config, {size}x{size}, a window of {frames} frames x 2 CFG branches "
+            f"({tokens} tokens in the first level), float32, best of {repeats}:\n\n"
+            "| saving | s per window | time vs none | output vs none (rel. rms) |\n|---|---|---|---|\n" + "\n".join(rows))
+
+
+def estimate_vs_measured():
+    """The meta-device estimate against the same window run for real on the CPU."""
+    lines = ["| models | size | frames x branches | feed-forward chunk | estimated MB | measured MB (CPU) | "
+             "estimated / measured |", "|---|---|---|---|---|---|---|"]
+    mid = dict(block_out_channels=(64, 128, 256, 256), norm_num_groups=32, cross_attention_dim=256, layers_per_block=2)
+    for kind, size, frames, branches, ff in (("tiny", 128, 16, 2, None), ("tiny", 256, 8, 2, 4096),
+                                             ("mid", 128, 8, 1, None), ("mid", 128, 8, 1, 1024)):
+        if kind == "mid":
+            unet, nets = build_mid(mid)
+        else:
+            unet, nets = bench_gpu.build("tiny", "cpu", torch.float32)
+        estimate = memory.window_bytes(unet, nets, size, size, frames, branches, ff_chunk=ff,
+                                       motion_context=per_frame_motion_groupnorm)
+        for model in (unet, *nets):
+            memory.set_forward_chunking(model, ff)
+        measured = memory.window_trace(unet, nets, size, size, frames, branches,
+                                       motion_context=per_frame_motion_groupnorm)
+        lines.append(f"| {kind} | {size}x{size} | {frames} x {branches} | {ff or '-'} | {estimate / 1e6:.1f} | "
+                     f"{measured / 1e6:.1f} | {estimate / measured:.3f} |")
+        print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
+def build_mid(narrow):
+    """The SD1.5 block layout at about a fifth of its width, two layers per block, one ControlNet, on the CPU."""
+    from diffusers import ControlNetModel, MotionAdapter, UNet2DConditionModel, UNetMotionModel
+
+    unet_cfg, adapter_cfg, net_cfg = bench_gpu.configs("real")
+    unet_cfg, net_cfg = dict(unet_cfg, **narrow), dict(net_cfg, **narrow)
+    adapter_cfg = dict(adapter_cfg, block_out_channels=narrow["block_out_channels"], motion_norm_num_groups=32,
+                       motion_layers_per_block=2)
+    torch.manual_seed(0)
+    unet = UNetMotionModel.from_unet2d(UNet2DConditionModel(**unet_cfg), MotionAdapter(**adapter_cfg)).eval()
+    return unet, [ControlNetModel(**net_cfg).eval()]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--skip-timing", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    print("1. Size x budget, fp16, windows of 16 (estimated):\n\n" + size_budget_table() + "\n", flush=True)
+    if not args.skip_timing:
+        print("2. Time cost of the savings (measured):\n\n" + timing_table() + "\n", flush=True)
+    print("3. Estimate vs measured allocation:\n\n" + estimate_vs_measured(), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,481 @@
+"""Accelerator memory (issue 18): chunked feed-forward, a peak-memory estimator, and the memory plan.
+
+Every saving here is exact (the same result within float rounding): memory-efficient attention, feed-forward on a
+chunk of tokens at a time, one CFG branch per UNet call, fewer frames per VAE call. The estimator runs the models'
+own forward on the META device (built from the loaded models' configs, no weights) and counts the bytes of the live
+tensors, as the accelerator's allocator would hold them; `plan` picks the fastest combination whose estimate fits a
+budget. Model CPU offload (diffusers' `enable_model_cpu_offload`) is the slow last resort the plan never picks.
+
+Only stdlib, torch and diffusers are imported: the module ships beside the pipeline file.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import weakref
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from diffusers.models.attention import FeedForward
+from diffusers.utils import logging
+
+GB = 1e9
+MARGIN = 0.75e9  # default budget = free memory minus this (allocator slack, cuBLAS/cuDNN workspaces, the CUDA context)
+FF_CHUNKS = (None, 16384, 4096, 1024)  # feed-forward tokens per call the plan tries, fastest first
+DECODE_CHUNKS = (8, 4, 2, 1)  # frames per VAE call the plan tries (never more than the call's decode_chunk_size)
+# Relative time of each saving, an estimate for ordering the plans (FLOPs are the same): more kernel launches on
+# smaller matrices; the second CFG branch re-reads every weight. bench/bench_memory.py measures them on CPU.
+FF_COST = {None: 1.0, 16384: 1.005, 4096: 1.02, 1024: 1.06}
+SERIAL_CFG_COST = 1.08
+# Without the reuse cache every window recomputes its frames' ControlNets and UNet prefix: 1 / 0.773 the work at
+# 1536x1536 (bench/RESULTS.md, "Work per frame"); the cache of a window of 16 frames x 2 branches is ~8 GB in fp16 there.
+NO_REUSE_COST = 1.29
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. Feed-forward in chunks of tokens
+
+
+class ChunkedFeedForward(FeedForward):
+    """diffusers' `FeedForward` on at most `chunk_size` tokens at a time: it works per token, so the result is the
+    same, and its 4x-wide (GEGLU: 8x) intermediate is held for one chunk only. The class of an existing module is
+    swapped (same parameters, same state dict); unlike diffusers' `set_chunk_feed_forward` the token count need not
+    be a multiple of the chunk, and every batch element's tokens count together."""
+
+    chunk_size: int = 4096
+
+    def forward(self, hidden_states, *args, **kwargs):
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+        if flat.shape[0] <= self.chunk_size:
+            return super().forward(hidden_states, *args, **kwargs)
+        out = torch.cat([super(ChunkedFeedForward, self).forward(part) for part in flat.split(self.chunk_size)])
+        return out.reshape(*hidden_states.shape[:-1], out.shape[-1])
+
+
+def set_forward_chunking(module: torch.nn.Module, chunk_size: int | None) -> int:
+    """Chunk (`chunk_size` tokens) or unchunk (None) every feed-forward of a model: the UNet's spatial transformers,
+    its motion modules' and a ControlNet's. Returns how many feed-forwards were changed."""
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}.")
+    changed = 0
+    for layer in module.modules():
+        if type(layer) is FeedForward and chunk_size:
+            layer.__class__ = ChunkedFeedForward
+        elif type(layer) is ChunkedFeedForward and not chunk_size:
+            layer.__class__ = FeedForward
+            layer.__dict__.pop("chunk_size", None)
+        else:
+            if type(layer) is ChunkedFeedForward:
+                layer.chunk_size = chunk_size
+            continue
+        if chunk_size:
+            layer.chunk_size = chunk_size
+        changed += 1
+    return changed
+
+
+def forward_chunk_size(module: torch.nn.Module) -> int | None:
+    """The chunk size `set_forward_chunking` gave the model's feed-forwards, or None."""
+    return next((m.chunk_size for m in module.modules() if type(m) is ChunkedFeedForward), None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. The estimator: live tensor bytes of the models' forward on the meta device
+
+
+class LiveTensorBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Peak of the bytes held by live tensor storages created inside the mode (views and in-place ops are free)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen = set()
+
+    def _free(self, n, key):
+        self.live -= n
+        self.seen.discard(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        for ret, o in zip(func._schema.returns, outs):
+            if isinstance(o, torch.Tensor) and ret.alias_info is None:
+                storage = o.untyped_storage()
+                if id(storage) in self.seen:
+                    continue
+                n = storage.nbytes()
+                self.seen.add(id(storage))
+                self.live += n
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(storage, self._free, n, id(storage))
+        return out
+
+
+def _config_key(model) -> str:
+    return type(model).__name__ + json.dumps({k: v for k, v in dict(model.config).items() if not k.startswith("_")},
+                                             sort_keys=True, default=str)
+
+
+@functools.lru_cache(maxsize=16)
+def _meta_model(cls, config_key: str, dtype: torch.dtype, motion: bool = True):
+    """A weightless copy of a model on the meta device, from its config (built once per config)."""
+    config = json.loads(config_key[len(cls.__name__):])
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # from_config's notes on dtypes: these copies have no weights to keep in float32
+    try:
+        with torch.device("meta"):
+            model = cls.from_config(config).to(dtype).eval()
+    finally:
+        logging.set_verbosity(verbosity)
+    if not motion:  # the editing branch runs the UNet without its motion modules
+        for block in [*model.down_blocks, *model.up_blocks, model.mid_block]:
+            if hasattr(block, "motion_modules"):
+                block.motion_modules = torch.nn.ModuleList([_Identity() for _ in block.motion_modules])
+    return model
+
+
+def meta_copy(model, dtype=None, motion: bool = True):
+    return _meta_model(type(model), _config_key(model), dtype or model.dtype, motion)
+
+
+class _Identity(torch.nn.Module):
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+@contextmanager
+def _meta_kernels(memory_efficient: bool, ff_chunk: int | None, joint_frames: int | None = None):
+    """Attention and feed-forward as the accelerator runs them, without their cost on meta tensors.
+
+    Attention: a flash / memory-efficient kernel allocates its output only; the plain path the score matrix and
+    its softmax. `joint_frames`: the editing branch's cross-frame attention (self-attention over all frames of a
+    group: q, k, v copied into one sequence). Feed-forward in chunks: the outputs of all chunks but the last, one
+    chunk's intermediates, then the concatenation, in a fixed number of meta ops whatever the chunk count."""
+    sdpa, ff_forward = torch.nn.functional.scaled_dot_product_attention, FeedForward.forward
+
+    def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+        shape = q.shape
+        joint = joint_frames and q.shape[-2] == k.shape[-2] and q.shape[0] % joint_frames == 0
+        if joint:  # (G F, H, N, D) -> (G, H, F N, D): a copy of each
+            q, k, v = (t.reshape(-1, joint_frames, *t.shape[1:]).transpose(1, 2).reshape(
+                t.shape[0] // joint_frames, t.shape[1], -1, t.shape[-1]) for t in (q, k, v))
+        if memory_efficient:
+            out = q.new_empty(q.shape[:-1] + v.shape[-1:])
+        else:
+            out = torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
+        if joint:
+            out = out.reshape(-1, shape[1], joint_frames, shape[2], out.shape[-1]).transpose(1, 2).reshape(
+                *shape[:-1], out.shape[-1])
+        return out
+
+    def chunked(self, hidden_states, *args, **kwargs):
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+        if not ff_chunk or flat.shape[0] <= ff_chunk:
+            return ff_forward(self, hidden_states)
+        done = flat.new_empty(flat.shape[0] - ff_chunk, self.net[-1].out_features)  # the chunks' outputs so far
+        last = ff_forward(self, flat[:ff_chunk])
+        out = torch.cat([done, last])
+        del done, last
+        return out.reshape(*hidden_states.shape[:-1], out.shape[-1])
+
+    torch.nn.functional.scaled_dot_product_attention = attention
+    FeedForward.forward = chunked
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention, FeedForward.forward = sdpa, ff_forward
+
+
+_PEAKS: dict = {}  # traced peaks by (configs, shapes, switches): a plan re-asks the same questions
+
+
+def _cached(key, compute):
+    if key not in _PEAKS:
+        _PEAKS[key] = compute()
+    return _PEAKS[key]
+
+
+def window_bytes(unet, nets, height: int, width: int, frames: int, branches: int, *, memory_efficient: bool = True,
+                 ff_chunk: int | None = None, reuse_branches: int = 0, motion_context=None, vae_scale_factor: int = 8,
+                 text_tokens: int = 77, joint_frames: int | None = None, motion: bool = True) -> int:
+    """Peak activation bytes of one window: the ControlNets on `branches` x `frames` frames (their residuals summed
+    as they come), then the UNet (motion modules included unless `motion=False`) with those residuals held.
+    `reuse_branches` > 0: the reuse cache (diffutoon/reuse.py) holds that many branches' per-frame residuals and UNet
+    prefixes for the window's frames beside the copies the call gets. Weights are not counted."""
+    if ff_chunk and ff_chunk >= branches * frames * (height // vae_scale_factor) * (width // vae_scale_factor):
+        ff_chunk = None  # no feed-forward sees more tokens than the first level's: the chunking changes nothing
+    key = ("window", _config_key(unet), tuple(_config_key(n) for n in nets), height, width, frames, branches,
+           memory_efficient, ff_chunk, reuse_branches, getattr(motion_context, "__name__", None), vae_scale_factor,
+           text_tokens, joint_frames, motion, unet.dtype)
+    return _cached(key, lambda: window_trace(meta_copy(unet, motion=motion), [meta_copy(n) for n in nets], height,
+                                             width, frames, branches, memory_efficient, ff_chunk, reuse_branches,
+                                             motion_context, vae_scale_factor, text_tokens, joint_frames))
+
+
+@torch.no_grad()
+def window_trace(unet, nets, height, width, frames, branches, memory_efficient=True, ff_chunk=None, reuse_branches=0,
+                 motion_context=None, scale=8, text_tokens=77, joint_frames=None):
+    """`window_bytes`'s count. On meta models the kernels are stand-ins (`_meta_kernels`); on real models (any
+    device) the same calls run for real: what bench/bench_memory.py measures the estimate against."""
+    dtype, meta = unet.dtype, unet.device
+    h, w, c = height // scale, width // scale, unet.config.in_channels
+    t = torch.tensor(999, device=meta)
+    context = motion_context(unet) if motion_context is not None else nullcontext()
+    kernels = _meta_kernels(memory_efficient, ff_chunk, joint_frames) if meta.type == "meta" else nullcontext()
+    with kernels, context, LiveTensorBytes() as mem:
+        latents = torch.empty(branches, c, frames, h, w, device=meta, dtype=dtype)
+        embeds = torch.empty(branches * frames, text_tokens, unet.config.cross_attention_dim, device=meta, dtype=dtype)
+        x = latents.transpose(1, 2).reshape(branches * frames, c, h, w)
+        down, mid = None, None
+        for net in nets:
+            image = torch.empty(branches * frames, 3, height, width, device=meta, dtype=dtype)
+            d, m = net(x, t, encoder_hidden_states=embeds, controlnet_cond=image, conditioning_scale=0.5,
+                       return_dict=False)
+            down = d if down is None else [p.add_(q) for p, q in zip(down, d)]  # as the pipeline sums them
+            mid = m if mid is None else mid.add_(m)
+            del image, d, m
+        del x
+        held = None
+        if reuse_branches and down is not None:  # the cache's per-frame copies, of every branch it keeps
+            per_branch = (sum(r.numel() for r in down) + mid.numel()) // branches
+            prefix = 2 * unet.config.block_out_channels[0] * h * w * frames  # conv_in + first transformer outputs
+            held = torch.empty(reuse_branches * (per_branch + prefix), device=meta, dtype=dtype)
+        unet(latents, t, encoder_hidden_states=embeds, down_block_additional_residuals=down,
+             mid_block_additional_residual=mid)
+        del held
+    return mem.peak
+
+
+def vae_bytes(vae, height: int, width: int, frames: int, *, memory_efficient: bool = True, encode: bool = False) -> int:
+    """Peak activation bytes of one VAE call on `frames` frames: decode (latents -> pixels) or encode."""
+    key = ("vae", _config_key(vae), height, width, frames, memory_efficient, encode, vae.dtype)
+    return _cached(key, lambda: _vae_trace(meta_copy(vae), height, width, frames, memory_efficient, encode))
+
+
+@torch.no_grad()
+def _vae_trace(vae, height, width, frames, memory_efficient, encode):
+    meta, scale = torch.device("meta"), 2 ** (len(vae.config.block_out_channels) - 1)
+    with _meta_kernels(memory_efficient, None), LiveTensorBytes() as mem:
+        if encode:
+            vae.encode(torch.empty(frames, 3, height, width, device=meta, dtype=vae.dtype)).latent_dist.mean.float()
+        else:
+            z = torch.empty(frames, vae.config.latent_channels, height // scale, width // scale, device=meta,
+                            dtype=vae.dtype)
+            vae.decode(z).sample.float()  # the pipeline casts the decoded frames to float32 on the device
+    return mem.peak
+
+
+def weight_bytes(*modules) -> int:
+    """Bytes of the parameters and buffers of `modules` (each counted once)."""
+    seen, total = set(), 0
+    for module in modules:
+        for t in [*module.parameters(), *module.buffers()]:
+            if t.data_ptr() not in seen or t.device.type == "meta":
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+    return total
+
+
+def _size(n: int) -> str:
+    return f"{n / GB:.1f} GB" if n >= 0.1 * GB else f"{n / 1e6:.1f} MB"
+
+
+def parse_bytes(value) -> int:
+    """'12GB', '12 GiB', '500MB' or a number of bytes -> bytes."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value < 2**20:
+            raise ValueError(f"memory_budget={value!r} is a number of bytes, which is too small: write it with a unit, "
+                             f"e.g. '{value:g}GB'.")
+        return int(value)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b?|b)\s*", str(value), re.IGNORECASE)
+    if not match:
+        raise ValueError(f"memory_budget={value!r}: write a size with a unit, e.g. '12GB' or '11.5GiB'.")
+    unit = match.group(2).lower().rstrip("b")
+    base = 1024 if unit.endswith("i") else 1000
+    return int(float(match.group(1)) * base ** ("kmgt".index(unit[0]) + 1 if unit else 0))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. The plan
+
+
+@dataclass
+class MemoryPlan:
+    """The exact savings one render runs with, and the estimate that chose them. `str(plan)` is one line."""
+
+    height: int
+    width: int
+    budget: int  # bytes the render may use, weights included
+    budget_source: str  # "free" (the device's free memory minus a margin) or "given"
+    batch_cfg: bool = True
+    reuse_across_windows: bool = True
+    forward_chunk_size: int | None = None
+    memory_efficient_attention: bool = False
+    decode_chunk_size: int = 8
+    estimate: int = 0  # bytes: resident weights + the largest peak below
+    parts: dict = field(default_factory=dict)  # bytes: weights, window, decode, encode, edit window, edit decode
+    enabled: tuple = ()  # what the plan changes from the call as given, in words
+    relative_time: float = 1.0  # estimated time against the call as given (FLOPs are the same)
+
+    def __str__(self):
+        budget = f"{_size(self.budget)} {'free' if self.budget_source == 'free' else 'budget'}"
+        what = ", ".join(self.enabled) or "no saving needed"
+        return f"{self.width}x{self.height}, {budget}: {what}: {_size(self.estimate)} estimated"
+
+    def edit_settings(self, settings: dict) -> dict:
+        """The editing branch's settings with the plan's VAE chunk."""
+        if not settings:
+            return settings
+        return {**settings, "decode_chunk_size": min(settings.get("decode_chunk_size", 8), self.decode_chunk_size),
+                "reuse_across_windows": settings.get("reuse_across_windows", True) and self.reuse_across_windows}
+
+    def apply(self, pipe):
+        """A context in which `pipe` runs with the plan's attention and feed-forward (restored on exit)."""
+        return _applied(pipe, self)
+
+
+@contextmanager
+def _applied(pipe, plan):
+    components = [pipe.unet, *pipe.controlnets, *pipe.edit_controlnets]
+    chunks = [forward_chunk_size(m) for m in components]
+    attention = plan.memory_efficient_attention and getattr(pipe, "_memory_efficient_snapshot", None) is None
+    if attention:
+        try:
+            pipe.enable_memory_efficient_attention()
+        except ImportError:  # a Hub folder without the project's processors: diffusers' SDPA picks flash on CUDA
+            attention = False
+    if plan.forward_chunk_size:
+        for m in components:
+            set_forward_chunking(m, plan.forward_chunk_size)
+    try:
+        yield plan
+    finally:
+        for m, chunk in zip(components, chunks):
+            set_forward_chunking(m, chunk)
+        if attention:
+            pipe.disable_memory_efficient_attention()
+
+
+def _has_memory_efficient_attention(pipe) -> bool:
+    return getattr(pipe, "_memory_efficient_snapshot", None) is not None
+
+
+def estimate_memory(pipe, height, width, context_length=16, batch_cfg=True, guidance_scale=7.0, forward_chunk_size=None,
+             memory_efficient_attention=None, decode_chunk_size=8, reuse_across_windows=True, strength=1.0,
+             edit_settings=None, motion_context=None) -> dict:
+    """Peak bytes of each part of a render with these switches, and the resident weights: {"weights", "window",
+    "decode", "encode", "edit window", "edit decode", "total"}. `memory_efficient_attention` None: as installed."""
+    memeff = _has_memory_efficient_attention(pipe) if memory_efficient_attention is None else memory_efficient_attention
+    cfg = 2 if guidance_scale > 1 else 1
+    branches = cfg if batch_cfg else 1
+    scale = pipe.vae_scale_factor
+    parts = {"weights": resident_weights(pipe)}
+    parts["window"] = window_bytes(pipe.unet, pipe.controlnets, height, width, context_length, branches,
+                                   memory_efficient=memeff, ff_chunk=forward_chunk_size,
+                                   reuse_branches=cfg if reuse_across_windows else 0, motion_context=motion_context,
+                                   vae_scale_factor=scale)
+    parts["decode"] = vae_bytes(pipe.vae, height, width, decode_chunk_size, memory_efficient=memeff)
+    if strength < 1:
+        parts["encode"] = vae_bytes(pipe.vae, height, width, decode_chunk_size, memory_efficient=memeff, encode=True)
+    if edit_settings:
+        e = edit_settings
+        edit_cfg = 2 if e.get("guidance_scale", 7.0) > 1 else 1
+        edit_chunk = min(decode_chunk_size, e.get("decode_chunk_size", 8))
+        parts["edit window"] = window_bytes(pipe.unet, pipe.edit_controlnets, e["height"], e["width"],
+                                            e["context_length"], edit_cfg, memory_efficient=memeff,
+                                            ff_chunk=forward_chunk_size, vae_scale_factor=scale, motion=False,
+                                            reuse_branches=edit_cfg if e.get("reuse_across_windows", True) and reuse_across_windows else 0,
+                                            joint_frames=e["context_length"] if e.get("cross_frame_mode", "joint") == "joint" else None)
+        parts["edit decode"] = vae_bytes(pipe.vae, e["height"], e["width"], edit_chunk, memory_efficient=memeff)
+    parts["total"] = parts["weights"] + max(v for k, v in parts.items() if k != "weights")
+    return parts
+
+
+def resident_weights(pipe) -> int:
+    """Bytes of the weights the accelerator holds during a render: every model's, or with diffusers' model CPU
+    offload the largest of the UNet + ControlNets, the VAE and the text encoder (one model at a time)."""
+    main = [pipe.unet, *pipe.controlnets, *pipe.edit_controlnets]
+    if getattr(pipe, "_offload_device", None) is not None and getattr(pipe, "_all_hooks", None):
+        return max(weight_bytes(*main), weight_bytes(pipe.vae), weight_bytes(pipe.text_encoder))
+    return weight_bytes(*main, pipe.vae, pipe.text_encoder)
+
+
+def default_budget(device) -> int:
+    """The accelerator's free memory minus a margin."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free - MARGIN
+
+
+def plan_memory(pipe, height, width, context_length=16, batch_cfg=True, guidance_scale=7.0, decode_chunk_size=8,
+         reuse_across_windows=True, strength=1.0, edit_settings=None, memory_budget=None, motion_context=None,
+         device=None) -> MemoryPlan:
+    """The fastest combination of exact savings whose estimate fits the budget; ValueError if none does, naming the
+    largest size (same aspect ratio) that fits. Never changes the window length, a setting of the result."""
+    device = torch.device(device or pipe._execution_device)
+    if memory_budget is None:
+        if device.type != "cuda":
+            raise ValueError("memory_budget is needed off CUDA (e.g. '12GB'): there is no free memory to ask.")
+        resident = sum(weight_bytes(m) for m in (pipe.unet, *pipe.controlnets, *pipe.edit_controlnets, pipe.vae,
+                                                 pipe.text_encoder) if next(m.parameters()).device == device)
+        budget, source = default_budget(device) + resident, "free"
+    else:
+        budget, source = parse_bytes(memory_budget), "given"
+    common = dict(context_length=context_length, guidance_scale=guidance_scale, reuse_across_windows=reuse_across_windows,
+                  strength=strength, edit_settings=edit_settings, motion_context=motion_context)
+    had_memeff, cfg, had_chunk = _has_memory_efficient_attention(pipe), guidance_scale > 1, forward_chunk_size(pipe.unet)
+    cost = lambda o: FF_COST[o[1]] * (SERIAL_CFG_COST if o[2] else 1.0) * (NO_REUSE_COST if o[3] else 1.0)  # noqa: E731
+    options = [(had_memeff, None, False, False)] + sorted(  # as set up first; then memory-efficient attention (free)
+        ((True, ff, serial, no_reuse) for ff in FF_CHUNKS for serial in ((False, True) if batch_cfg and cfg else (False,))
+         for no_reuse in ((False, True) if reuse_across_windows else (False,))), key=cost)
+    tokens = 2 * context_length * (height // pipe.vae_scale_factor) * (width // pipe.vae_scale_factor)
+    options = [o for o in options if not o[1] or o[1] < tokens]  # a chunk holding every token changes nothing
+    common.pop("reuse_across_windows")
+    least = dict(common, batch_cfg=False, forward_chunk_size=options[-1][1] or had_chunk, memory_efficient_attention=True,
+                 decode_chunk_size=1, reuse_across_windows=False)
+    if estimate_memory(pipe, height, width, **least)["total"] > budget:  # not even with every saving
+        raise ValueError(_nothing_fits(pipe, height, width, budget, source, least))
+    for memeff, ff, serial, no_reuse in options:
+        ff = ff or had_chunk
+        settings = dict(common, batch_cfg=batch_cfg and not serial, forward_chunk_size=ff,
+                        memory_efficient_attention=memeff, reuse_across_windows=reuse_across_windows and not no_reuse)
+        parts = estimate_memory(pipe, height, width, decode_chunk_size=1, **settings)
+        if parts["total"] > budget:
+            continue
+        decode = next(d for d in sorted({d for d in DECODE_CHUNKS if d < decode_chunk_size} | {decode_chunk_size},
+                                        reverse=True)
+                      if estimate_memory(pipe, height, width, decode_chunk_size=d, **settings)["total"] <= budget)
+        parts = estimate_memory(pipe, height, width, decode_chunk_size=decode, **settings)
+        enabled = (["memory-efficient attention"] if memeff and not had_memeff else []) + \
+            (["one CFG branch per call"] if serial else []) + \
+            ([f"feed-forward in chunks of {ff} tokens"] if ff and ff != had_chunk else []) + \
+            (["no reuse across windows"] if no_reuse else []) + \
+            ([f"VAE {'encode and ' if strength < 1 else ''}decode {decode} frame{'s' if decode > 1 else ''} at a time"]
+             if decode != decode_chunk_size else [])
+        return MemoryPlan(height, width, budget, source, batch_cfg and not serial, reuse_across_windows and not no_reuse,
+                          ff, memeff, decode, parts["total"], parts, tuple(enabled),
+                          cost((memeff, ff if ff != had_chunk else None, serial, no_reuse)))
+    raise AssertionError("the plan with every saving fits, so one of the options does")
+
+
+def _scaled(height, width, s):
+    return max(64, 64 * round(height * s / 64)), max(64, 64 * round(width * s / 64))
+
+
+def _nothing_fits(pipe, height, width, budget, source, smallest) -> str:
+    """The error when no plan fits: the largest size of the same aspect ratio (multiples of 64) that does."""
+    fits = lambda s: estimate_memory(pipe, *_scaled(height, width, s), **smallest)["total"] <= budget  # noqa: E731
+    low, high = 0.0, 1.0
+    for _ in range(7):
+        mid = (low + high) / 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    best = "{1}x{0}".format(*_scaled(height, width, low)) if low and fits(low) else None
+    least = estimate_memory(pipe, height, width, **smallest)
+    where = "free on the device" if source == "free" else "in memory_budget"
+    advice = (f"the largest size that fits is {best} (pass height/width)" if best else
+              "not even the smallest size fits")
+    return (f"{width}x{height} needs about {_size(least['total'])} with every saving (weights "
+            f"{_size(least['weights'])}), more than the {_size(budget)} {where}: {advice}; or lower "
+            "context_length, or call pipe.enable_model_cpu_offload() (the slow last resort).")

@@ -1,0 +1,128 @@
+"""Issue 18: every exact memory saving as a switch, the estimator, and the memory plan (tiny models, CPU)."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_video
+
+from diffutoon import memory
+from pipeline_diffutoon import per_frame_motion_groupnorm
+
+SIZE = 32
+
+
+def render(pipe, video, **kwargs):
+    lineart = make_video(len(video), SIZE, seed=5)
+    args = dict(prompt="a girl", negative_prompt="ugly", conditioning_frames=[lineart, None], num_inference_steps=2,
+                context_length=8, context_stride=4, generator=torch.Generator().manual_seed(0), output_type="np")
+    return pipe(video=video, **{**args, **kwargs}).frames
+
+
+def assert_close(a, b, tol=1e-5):
+    """Equal within float32 rounding, relative to the largest value."""
+    a, b = torch.as_tensor(np.asarray(a)).double(), torch.as_tensor(np.asarray(b)).double()
+    assert (a - b).abs().max().item() <= tol * b.abs().max().item()
+
+
+def test_forward_chunking_gives_the_same_frames_in_every_transformer_block(tiny_pipe):
+    video = make_video(10, SIZE)
+    keys = list(tiny_pipe.unet.state_dict())
+    plain = render(tiny_pipe, video, output_type="latent")
+    tiny_pipe.enable_forward_chunking(7)  # not a divisor of any token count: diffusers' own chunking would refuse
+    try:
+        chunked = [name for model in (tiny_pipe.unet, *tiny_pipe.controlnets) for name, m in model.named_modules()
+                   if isinstance(m, memory.ChunkedFeedForward)]
+        assert any("motion_modules" in n for n in chunked) and any("attentions" in n for n in chunked)
+        assert sum(isinstance(m, memory.ChunkedFeedForward) for m in tiny_pipe.controlnets[0].modules()) > 0
+        assert list(tiny_pipe.unet.state_dict()) == keys  # same parameters, same state dict
+        out = render(tiny_pipe, video, output_type="latent")
+    finally:
+        tiny_pipe.disable_forward_chunking()
+    assert not any(isinstance(m, memory.ChunkedFeedForward) for m in tiny_pipe.unet.modules())
+    assert_close(out, plain)
+
+
+def test_memory_efficient_attention_covers_every_component():
+    from diffusers.models.attention_processor import Attention
+
+    from attention_processors import MemoryEfficientAttnProcessor
+    from diffutoon.tiny import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline(seed=0, edit=True)
+    pipe.enable_memory_efficient_attention()
+    for name in ("unet", "controlnet", "edit_controlnet", "vae"):
+        layers = [m for m in getattr(pipe, name).modules() if isinstance(m, Attention)]
+        assert layers and all(isinstance(m.processor, MemoryEfficientAttnProcessor) for m in layers), name
+
+
+def test_estimate_equals_the_measured_allocation_of_the_same_window(tiny_pipe):
+    """The meta-device count against the same calls run for real on the CPU (live tensor bytes)."""
+    for frames, branches in ((8, 2), (4, 1)):
+        estimate = memory.window_bytes(tiny_pipe.unet, tiny_pipe.controlnets, SIZE, SIZE, frames, branches,
+                                       motion_context=per_frame_motion_groupnorm)
+        measured = memory.window_trace(tiny_pipe.unet, tiny_pipe.controlnets, SIZE, SIZE, frames, branches,
+                                       motion_context=per_frame_motion_groupnorm)
+        assert abs(estimate - measured) <= 0.15 * measured
+    # the savings lower the estimate
+    full = memory.estimate_memory(tiny_pipe, SIZE, SIZE, memory_efficient_attention=False)
+    saved = memory.estimate_memory(tiny_pipe, SIZE, SIZE, batch_cfg=False, memory_efficient_attention=True,
+                                   decode_chunk_size=1)
+    assert saved["window"] < full["window"] and saved["decode"] < full["decode"]
+    assert full["weights"] == sum(p.numel() * p.element_size() for m in ("unet", "controlnet", "vae", "text_encoder")
+                                  for p in [*getattr(tiny_pipe, m).parameters(), *getattr(tiny_pipe, m).buffers()])
+
+
+def test_plan_forced_by_a_small_budget_gives_the_unplanned_frames(tiny_pipe):
+    video = make_video(10, SIZE)
+    smallest = memory.estimate_memory(tiny_pipe, SIZE, SIZE, context_length=8, batch_cfg=False,
+                                      memory_efficient_attention=True, decode_chunk_size=1,
+                                      motion_context=per_frame_motion_groupnorm)
+    budget = f"{smallest['total'] + 1000}B"
+    plan = tiny_pipe.plan_memory(SIZE, SIZE, context_length=8, memory_budget=budget)
+    assert plan.estimate <= smallest["total"] + 1000 and plan.decode_chunk_size < 8 and len(plan.enabled) >= 3
+    assert str(plan).startswith(f"{SIZE}x{SIZE}, ") and str(plan).endswith("MB estimated")
+    progress = []
+    planned = render(tiny_pipe, video, memory_budget=budget, progress_callback=progress.append)
+    assert progress[-1]["memory_plan"] == str(plan)
+    assert getattr(tiny_pipe, "_memory_efficient_snapshot", None) is None  # the plan's switches are undone
+    unplanned = render(tiny_pipe, video, memory_plan=None)
+    assert_close(planned, unplanned)
+    assert render(tiny_pipe, video[:2], context_length=2, context_stride=1, memory_plan="auto") is not None  # CPU: off
+
+
+def test_nothing_fits_names_the_largest_size_before_reading_a_frame(tiny_pipe):
+    class Unreadable:
+        shape = (10, 128, 128, 3)
+
+        def read(self, start, end):
+            raise AssertionError("a frame was read")
+
+    every_saving = dict(context_length=8, batch_cfg=False, memory_efficient_attention=True, decode_chunk_size=1,
+                        forward_chunk_size=1024, motion_context=per_frame_motion_groupnorm)
+    small, large = (memory.estimate_memory(tiny_pipe, s, s, **every_saving)["total"] for s in (64, 128))
+    assert small < large
+    with pytest.raises(ValueError, match="largest size that fits is 64x64"):
+        tiny_pipe(video=Unreadable(), prompt="a girl", height=128, width=128, context_length=8, context_stride=4,
+                  memory_budget=f"{(small + large) // 2}B")
+
+
+def test_memory_budget_strings():
+    assert memory.parse_bytes("12GB") == 12 * 10**9 and memory.parse_bytes("1.5 GiB") == int(1.5 * 2**30)
+    assert memory.parse_bytes("500mb") == 500 * 10**6 and memory.parse_bytes(2**30) == 2**30
+    for bad in ("12", "twelve GB", 12):
+        with pytest.raises(ValueError, match="12GB|unit"):
+            memory.parse_bytes(bad)
+
+
+def test_cli_max_vram(capsys):
+    from diffutoon.cli import _memory_kwargs, build_parser
+
+    args = build_parser().parse_args(["render", "in.mp4", "--max-vram", "12GB"])
+    kwargs = _memory_kwargs(args)
+    assert kwargs["memory_budget"] == "12GB"
+    kwargs["progress_callback"]({"memory_plan": "512x512, 12.0 GB budget: no saving needed: 5.1 GB estimated"})
+    kwargs["progress_callback"]({"memory_plan": "512x512, 12.0 GB budget: no saving needed: 5.1 GB estimated"})
+    assert capsys.readouterr().out.count("memory plan: 512x512") == 1
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["render", "in.mp4", "--max-vram", "12"])
+    assert "--max-vram '12': write a size with a unit" in capsys.readouterr().err
