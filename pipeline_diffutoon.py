@@ -422,6 +422,7 @@ class DiffutoonPipelineOutput(BaseOutput):
     color_frames: Any = None
     path: Any = None  # where the frames went when `output_path` was given (then `frames` is None)
     interrupted: bool = False  # stopped by `pipe._interrupt`; the render folder, if any, resumes it
+    report: dict | None = None  # the quality report (diffutoon/report.py) when one was made
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1124,15 +1125,17 @@ class DiffutoonPipeline(
             if not complete and render_dir is not None:
                 return self._interrupted(run, return_dict)
 
-            # 9. Decode a chunk of frames at a time, into memory or straight into the output file
-            frames = self._output(run, latents, output_type, output_path, fps, source, decode_chunk_size)
+            # 9. Decode a chunk of frames at a time, into memory or straight into the output file; the quality report
+            quality = self._quality_report(run, cond.windows, len(source), output_type, output_path)
+            frames = self._output(run, latents, output_type, output_path, fps, source, decode_chunk_size, quality)
+            report = self._publish_report(run, quality)
             run.finish(complete)
         self.maybe_free_model_hooks()
         color_frames = color_video.array if edit_prompt is not None and isinstance(color_video, HostFrames) else None
         if not return_dict:
             return (frames, color_frames)
         return DiffutoonPipelineOutput(frames=frames, color_frames=color_frames, interrupted=not complete,
-                                       path=None if output_path is None else Path(output_path))
+                                       path=None if output_path is None else Path(output_path), report=report)
 
     def _interrupted(self, run, return_dict: bool):
         """What an interrupted call with a render folder returns; the folder holds the last completed step."""
@@ -1332,17 +1335,25 @@ class DiffutoonPipeline(
         cond.prompt_embeds = outputs.pop("prompt_embeds", cond.prompt_embeds)
         cond.negative_prompt_embeds = outputs.pop("negative_prompt_embeds", cond.negative_prompt_embeds)
 
-    def _output(self, run, latents, output_type: str, output_path, fps, source, decode_chunk_size: int):
-        """The frames as `output_type`, or None once streamed into `output_path` (a video file or PNG folder)."""
+    def _output(self, run, latents, output_type: str, output_path, fps, source, decode_chunk_size: int, quality=None):
+        """The frames as `output_type`, or None once streamed into `output_path` (a video file or PNG folder).
+        `quality` (diffutoon/report.py) sees every output frame with its source frame."""
         n = len(latents)
+        h, w = latents.shape[2] * self.vae_scale_factor, latents.shape[3] * self.vae_scale_factor
+        sources = (source.resized(s, s + decode_chunk_size, h, w).permute(0, 2, 3, 1).numpy()
+                   for s in range(0, n, decode_chunk_size))  # for `quality`, read as the output is
         if output_type == "latent":
             return _video_latents(latents).contiguous().clone()
         if output_path is None:  # diffusers' batch of one video
             frames = self.decode_latents(latents, decode_chunk_size, output_type, report=run.report, group=run.group)
+            if quality is not None and frames is not None:
+                for start, chunk in zip(range(0, n, decode_chunk_size), sources):
+                    quality.add(_frames_uint8(frames[start : start + decode_chunk_size], output_type), chunk)
             return None if frames is None else [frames] if output_type == "pil" else frames[None]
         vio = _import("diffutoon.video", "Writing output_path")
         clip = source.clip if getattr(source.clip, "audio", False) else None  # a video file's audio goes along
         chunks = self._decoded(latents, decode_chunk_size, "uint8", report=run.report, group=run.group)
+        chunks = chunks if quality is None else quality.tap(chunks, sources)
         if process_rank(run.group):  # rank 0 writes the file: this process decodes its share
             for _ in chunks:
                 pass
@@ -1351,6 +1362,27 @@ class DiffutoonPipeline(
                          audio_span=clip.audio_span() if clip is not None else None, overwrite=True,
                          progress=not getattr(self, "_progress_bar_config", {}).get("disable", False), total=n)
         return None
+
+    def _quality_report(self, run, windows, num_frames: int, output_type: str, output_path):
+        """The quality report's accumulator (diffutoon/report.py) when someone will read it (a render folder, a progress
+        callback, an output file) and this process has the frames; None without the project's report module (cv2)."""
+        wanted = getattr(run, "path", None) is not None or run.progress_callback is not None or output_path is not None
+        if not wanted or output_type == "latent" or process_rank(run.group):
+            return None
+        try:
+            return _import("diffutoon.report", "The quality report").QualityReport(windows, num_frames)
+        except ImportError as error:
+            logger.info(f"no quality report: {error}")
+            return None
+
+    @staticmethod
+    def _publish_report(run, quality) -> dict | None:
+        """`report.json` in the render folder, and "report" in the progress dict."""
+        if quality is None:
+            return None
+        report = quality.result(getattr(run, "path", None))  # writes report.json into a render folder
+        run.report(report=report)
+        return report
 
     def _check_output(self, output_path, fps, source):
         """Before any work: the output path's kind and the frame rate a video file needs."""
@@ -1528,6 +1560,14 @@ def _as_source(video) -> _VideoSource:
 def _frames_array(frames, writable: bool = False) -> np.ndarray:
     """A frame array's frames as one numpy array (memory-mapped for one in the render folder)."""
     return frames.array if isinstance(frames, HostFrames) else np.load(frames.path, mmap_mode="r+" if writable else "r")
+
+
+def _frames_uint8(frames, output_type: str) -> np.ndarray:
+    """Decoded frames ("pil" list, "np" (n, H, W, 3) in [0, 1], "pt" (n, 3, H, W)) as uint8 (n, H, W, 3)."""
+    if output_type == "pil":
+        return np.stack([np.asarray(f) for f in frames])
+    array = frames.permute(0, 2, 3, 1).numpy() if output_type == "pt" else np.asarray(frames)
+    return (array * 255).round().clip(0, 255).astype(np.uint8)
 
 
 def _video_latents(latents) -> torch.Tensor:

@@ -13,9 +13,9 @@ from safetensors.torch import save_file
 from test_distributed import spawn as spawn_group
 from test_render_folder import spawn as spawn_job
 
-from diffutoon import fast, previews
+from diffutoon import fast, previews, report
 from diffutoon.tiny import tiny_components
-from pipeline_diffutoon import DiffutoonDDIMScheduler, DiffutoonPipeline
+from pipeline_diffutoon import DiffutoonDDIMScheduler, DiffutoonPipeline, sliding_windows
 
 TINY_ADAPTER = dict(motion_norm_num_groups=4, motion_num_attention_heads=2)  # what the weights cannot say
 RANK, ALPHA = 4, 2.0
@@ -150,10 +150,40 @@ def test_previews_and_fast_mode_off_leave_the_render_unchanged(job_pipe, job_ref
             seen[progress["preview_step"]] = (progress["preview"], np.asarray(PIL.Image.open(strip)).shape)
 
     out = job_pipe(**job(), fast_mode="off", render_dir=tmp_path / "render", preview=tmp_path / "live.mp4",
-                   progress_callback=look)
+                   progress_callback=look, keep_render_dir=True)
     assert np.array_equal(out.frames[0], job_reference["main"])  # previews on == off (the reference)
     assert seen == {step: (str(tmp_path / "live.mp4"), (4, 8 * 4, 3)) for step in (1, 2, 3)}  # 8 frames of 4x4
-    assert (tmp_path / "live.mp4").stat().st_size > 0 and not strip.exists()  # the folder goes with the render
+    assert (tmp_path / "live.mp4").stat().st_size > 0
+    # the quality report: in the folder, in the result, and from the frames the call returned
+    saved = json.loads((tmp_path / "render" / "report.json").read_text())
+    assert saved == out.report == json.loads((tmp_path / "render" / "progress.json").read_text())["report"]
+    expected = report.quality_report((out.frames[0] * 255).round().astype(np.uint8), job()["video"],
+                                     sliding_windows(9, 4, 3))
+    assert saved == pytest.approx(expected, rel=1e-9)
+
+
+def test_the_quality_report_against_fastblend_metrics_and_by_hand():
+    from fastblend.metrics import warping_error
+
+    from conftest import make_video
+
+    source = make_video(9, 32)
+    rng = np.random.default_rng(0)
+    frames = np.clip(source.astype(int) // 2 + rng.integers(0, 60, source.shape), 0, 255).astype(np.uint8)
+    windows = [(0, 4), (3, 7), (6, 9)]  # = sliding_windows(9, 4, 3): edges at 3, 4, 6, 7
+    got = report.QualityReport(windows, 9)
+    for start in range(0, 9, 4):  # a chunk at a time, as the output is written
+        got.add(frames[start : start + 4], source[start : start + 4])
+    got = got.result()
+    pairs = [warping_error(frames[i : i + 2], source[i : i + 2]) for i in range(8)]
+    seams = [2, 3, 5, 6]  # pairs (i, i + 1) with a window edge between them
+    inside = [i for i in range(8) if i not in seams]
+    assert got["warping_error"] == pytest.approx(warping_error(frames, source), rel=1e-6)
+    assert got["seam_score"] == pytest.approx(np.mean([pairs[i] for i in seams]) / np.mean([pairs[i] for i in inside]),
+                                              rel=1e-6)
+    assert got["pixel_mae"] == pytest.approx(np.abs(frames.astype(float) - source).mean(), rel=1e-12)
+    assert (got["frames"], got["seam_pairs"], got["inside_pairs"]) == (9, 4, 4)
+    assert "seam score" in report.summary(got)
 
 
 def test_the_preview_estimate_and_colours_match_independent_computations():
