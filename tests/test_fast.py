@@ -201,3 +201,27 @@ def test_the_preview_estimate_and_colours_match_independent_computations():
     assert np.abs(rgb.astype(float) - by_hand).max() <= 0.5 + 1e-4
     with pytest.raises(ValueError, match="preview must be None, True, False or a path ending in"):
         previews.Previewer.check("live.txt")
+
+
+def test_the_cli_renders_a_fast_draft_with_a_preview_and_prints_the_report(tmp_path, monkeypatch, capsys):
+    from distributed_job import tiny_load
+
+    from diffutoon import cli
+    from diffutoon import video as vio
+
+    source = vio.make_demo_clip(tmp_path / "in.mp4", num_frames=5, height=32, width=32, fps=8)
+    options = ["--height", "32", "--width", "32", "--context-length", "4", "--context-stride", "2", "--device", "cpu",
+               "--dtype", "float32", "-q"]
+    monkeypatch.setattr(cli, "_check_sources", lambda sources: None)
+    monkeypatch.setattr(cli, "_load_pipeline", tiny_load)
+    assert cli.main(["render", str(source), "-o", str(tmp_path / "out.mp4"), "--fast", "lightning-2",
+                     "--preview", str(tmp_path / "live.png"), "--keep-work-dir", *options]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2].startswith("wrote") and out[-1].startswith("quality: warping error")
+    assert (tmp_path / "live.png").exists() and (tmp_path / "out.mp4.parts" / "previews" / "latest.png").exists()
+    assert json.loads((tmp_path / "out.mp4.parts" / "report.json").read_text())["frames"] == 5
+    # the tiny models are no distilled adapter: --fast alone (its preset) is one line, and so is a bad preview path
+    assert cli.main(["render", str(source), "-o", str(tmp_path / "o2.mp4"), "--fast", *options]) == 2
+    assert "fast_mode='auto' needs a distilled motion adapter" in capsys.readouterr().err
+    assert cli.main(["render", str(source), "-o", str(tmp_path / "o3.mp4"), "--preview", "p.txt", *options]) == 2
+    assert "--preview: use a path ending in .png" in capsys.readouterr().err
