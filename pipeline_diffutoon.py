@@ -535,7 +535,8 @@ class DiffutoonPipeline(
         parts.setdefault("scheduler", DiffutoonDDIMScheduler())  # explicit: from_single_file's config may be inferred
         if edit_controlnets:
             parts["edit_controlnet"] = [controlnet_from(path) for path in edit_controlnets]
-        pipe = cls.from_single_file(base, **parts, **load) if os.path.isfile(base) else cls.from_pretrained(base, **parts, **load)
+        loader = cls.from_single_file if os.path.isfile(base) else cls.from_pretrained
+        pipe = loader(base, **parts, **load)
         pipe.register_to_config(motion_adapter_kind=kind)
         if lcm_lora is not None:  # AnimateLCM: its spatial LoRA at 0.8, fused (diffutoon/fast.py)
             load_lcm_lora(pipe, lcm_lora)
@@ -1277,17 +1278,18 @@ class DiffutoonPipeline(
                                windows=num_windows, done=i * num_windows + window, total=num_steps * num_windows,
                                frames=len(latents))
 
-                x = model_input(scheduler, t, latents, lambda: run.scratch(f"{name}-input", latents.shape))  # Euler's c_in
+                # the model input: Euler's c_in scaling, or the latents themselves (DDIM, LCM)
+                x = model_input(scheduler, t, latents, lambda: run.scratch(f"{name}-input", latents.shape))
                 noise = self.denoise(x, t, self._step_conditions(cond), out=run.scratch(f"{name}-noise", latents.shape),
                                      on_window=on_window)
                 if noise is None:  # interrupted within the step: it is dropped
                     return latents, False
                 before, wanted = latents, previewer.frames_needed(len(latents)) if previewer else None
-                latents, x0 = self._step(scheduler, noise, t, latents, run.latents(name, i + 1, latents.shape), generator,
-                                         wanted)
+                latents, x0 = self._step(scheduler, noise, t, latents, run.latents(name, i + 1, latents.shape),
+                                         generator, wanted)
                 if previewer:  # reads the step's tensors only: the render is the same without it
-                    previewer.publish(i, num_steps, self._x0(scheduler, t, before, noise, wanted) if x0 is None else x0,
-                                      wanted)
+                    previewer.publish(i, num_steps, x0 if x0 is not None else
+                                      lambda: self._x0(scheduler, t, before, noise, wanted), wanted)
                 if callback is not None:
                     self._callback(callback, callback_inputs, i, t, latents, cond)
                 run.checkpoint(name, i + 1, latents, checkpoint_state(scheduler, generator, self._guidance_scale, cond))

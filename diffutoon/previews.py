@@ -13,6 +13,7 @@ Only the standard library, numpy, torch and diffusers are imported at load time:
 from __future__ import annotations
 
 import io
+import logging
 import os
 from pathlib import Path
 
@@ -83,8 +84,18 @@ class Previewer:
             out.append((self.vae.decode(z).sample.float().clamp(-1, 1) * 127.5 + 127.5).round().byte().cpu())
         return torch.cat(out).permute(0, 2, 3, 1).numpy()
 
-    def publish(self, step: int, steps: int, x0: torch.Tensor, indices: list[int]):
-        """Decode x0 (n, 4, h, w) of frames `indices` and write the preview files (atomically)."""
+    def publish(self, step: int, steps: int, x0, indices: list[int]):
+        """Decode x0 (n, 4, h, w) of frames `indices` (or a function giving it) and write the preview files
+        (atomically). A preview that fails is a warning, never the render's end: previews then stop."""
+        if not self.enabled:
+            return
+        try:
+            self._publish(step, steps, x0() if callable(x0) else x0, indices)
+        except Exception as error:  # noqa: BLE001 (an operational extra: the render goes on)
+            self.enabled = False
+            logging.getLogger(__name__).warning(f"previews stopped: {type(error).__name__}: {error}")
+
+    def _publish(self, step: int, steps: int, x0: torch.Tensor, indices: list[int]):
         frames = self.decode(x0)
         strip_at = [indices.index(i) for i in strip_indices(max(indices) + 1)] if self.wants_all_frames() else None
         strip = _strip(frames if strip_at is None else frames[strip_at])
