@@ -183,9 +183,9 @@ def _models():
 
 
 def _fast():
-    from . import fast  # diffutoon/fast.py: --fast, --preview, --preview-vae
+    from . import fast_cli  # --fast, --preview, --preview-vae
 
-    return fast.add_cli_options(_Parser(add_help=False))
+    return fast_cli.add_cli_options(_Parser(add_help=False))
 
 
 def build_parser():
@@ -383,9 +383,9 @@ def _run_pipeline(args, pipe, clip, detector, edit_extra=None, **extra):
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=args.quiet)
     if getattr(args, "fast", None) or getattr(args, "preview", None) or getattr(args, "preview_vae", None):
-        from . import fast
+        from . import fast_cli
 
-        kwargs.update(fast.cli_arguments(args, pipe))  # fast_mode, preview, preview_vae
+        kwargs.update(fast_cli.cli_arguments(args, pipe))  # fast_mode, preview, preview_vae
     return pipe(**kwargs)
 
 
