@@ -89,6 +89,9 @@ try:  # the installed package: one class, whatever loaded this file (saved pipel
         "process_group", "process_rank")
     MemoryPlan, plan_memory, set_forward_chunking = _import_names("diffutoon.memory", "MemoryPlan", "plan_memory",
                                                                    "set_forward_chunking")
+    fast_settings, load_lcm_lora, load_motion_adapter, model_input, scheduler_step = _import_names(
+        "diffutoon.fast", "fast_settings", "load_lcm_lora", "load_motion_adapter", "model_input", "scheduler_step")
+    Previewer, ddim_x0 = _import_names("diffutoon.previews", "Previewer", "ddim_x0")
 except ImportError:
     if not __package__:
         raise
@@ -102,6 +105,9 @@ except ImportError:
     from .diffutoon.distributed import (DistributedError, broadcast_frames, map_chunks,  # noqa: F401
                                         open_shared_run, process_group, process_rank)
     from .diffutoon.memory import MemoryPlan, plan_memory, set_forward_chunking
+    from .diffutoon.fast import (fast_settings, load_lcm_lora, load_motion_adapter, model_input,  # noqa: F401
+                                 scheduler_step)
+    from .diffutoon.previews import Previewer, ddim_x0  # noqa: F401
 # <<< main-pass modules <<<
 
 DEFAULT_PROMPT = "best quality, perfect anime illustration, light"  # SPEC's example adds its subject: "a girl is dancing, smile, solo"
@@ -446,6 +452,7 @@ class DiffutoonPipelineOutput(BaseOutput):
     color_frames: Any = None
     path: Any = None  # where the frames went when `output_path` was given (then `frames` is None)
     interrupted: bool = False  # stopped by `pipe._interrupt`; the render folder, if any, resumes it
+    report: dict | None = None  # the quality report (diffutoon/report.py) when one was made
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -492,6 +499,7 @@ class DiffutoonPipeline(
         edit_controlnet: ControlNetModel | list[ControlNetModel] | MultiControlNetModel | None = None,
         controlnet_conditions: str = "lineart,tile",
         edit_controlnet_conditions: str = "softedge,depth",
+        motion_adapter_kind: str | None = None,
     ):
         super().__init__()
         if isinstance(unet, UNet2DConditionModel):
@@ -508,7 +516,8 @@ class DiffutoonPipeline(
                               controlnet=controlnet, scheduler=scheduler, motion_adapter=None,
                               edit_controlnet=edit_controlnet)
         self.register_to_config(controlnet_conditions=controlnet_conditions,
-                                edit_controlnet_conditions=edit_controlnet_conditions)
+                                edit_controlnet_conditions=edit_controlnet_conditions,
+                                motion_adapter_kind=motion_adapter_kind)  # "lightning-4", "animatelcm": fast.py
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if getattr(self, "vae", None) else 8
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor)
         self._annotators = {}
@@ -538,7 +547,9 @@ class DiffutoonPipeline(
         """Assemble the pipeline from Hub ids or local paths: an SD1.5 `base` (diffusers folder or a single
         .safetensors/.ckpt file), the motion adapter and the ControlNets (lineart first, tile second by default);
         `edit_controlnets` (softedge, depth: `[HUB_MODELS["softedge"], HUB_MODELS["depth"]]`) enables the editing
-        branch. `torch_dtype` defaults to float16 on CUDA, float32 otherwise. `scheduler=` picks another sampler."""
+        branch. `torch_dtype` defaults to float16 on CUDA, float32 otherwise. `scheduler=` picks another sampler.
+        `motion_adapter` may also be an AnimateDiff-Lightning single file or AnimateLCM (folder or Hub id, its LoRA
+        fused in): then sample with `fast_mode` (diffutoon/fast.py)."""
         if torch_dtype is None:
             torch_dtype = torch.float16 if torch.cuda.is_available() else torch.float32
         load = dict(dtype=torch_dtype, **{k: kwargs.pop(k) for k in ("cache_dir", "local_files_only", "token", "revision") if k in kwargs})
@@ -548,15 +559,18 @@ class DiffutoonPipeline(
                 return ControlNetModel.from_single_file(path, **load)
             return ControlNetModel.from_pretrained(path, **load)
 
-        adapter = MotionAdapter.from_pretrained(motion_adapter, **load)
+        adapter, kind, lcm_lora = load_motion_adapter(motion_adapter, kwargs.pop("motion_adapter_config", None), **load)
         nets = [controlnet_from(path) for path in controlnets]
-        parts = dict(motion_adapter=adapter, controlnet=nets, **kwargs)
+        parts = dict(motion_adapter=adapter, controlnet=nets, motion_adapter_kind=kind, **kwargs)
         parts.setdefault("scheduler", DiffutoonDDIMScheduler())  # explicit: from_single_file's config may be inferred
         if edit_controlnets:
             parts["edit_controlnet"] = [controlnet_from(path) for path in edit_controlnets]
-        if os.path.isfile(base):
-            return cls.from_single_file(base, **parts, **load)
-        return cls.from_pretrained(base, **parts, **load)
+        loader = cls.from_single_file if os.path.isfile(base) else cls.from_pretrained
+        pipe = loader(base, **parts, **load)
+        pipe.register_to_config(motion_adapter_kind=kind)
+        if lcm_lora is not None:  # AnimateLCM: its spatial LoRA at 0.8, fused (diffutoon/fast.py)
+            load_lcm_lora(pipe, lcm_lora)
+        return pipe
 
     # ------------------------------------------------------------------------------------------------------------
     # Opt-in features
@@ -1060,6 +1074,9 @@ class DiffutoonPipeline(
         overwrite: bool = False,
         memory_plan: str | MemoryPlan | None = "auto",
         memory_budget: str | int | None = None,
+        fast_mode: str | None = None,
+        preview: bool | str | os.PathLike | None = None,
+        preview_vae=None,
     ):
         r"""Render `video` in the toon style.
 
@@ -1116,6 +1133,17 @@ class DiffutoonPipeline(
                 with a `memory_budget`. None: run as set up. A `MemoryPlan` (`pipe.plan_memory(...)`): that one.
                 Nothing fits: a ValueError naming the largest size that does, before any frame is read.
             memory_budget: the memory the render may use, weights included, e.g. "12GB" (default: the free memory).
+            fast_mode (None): few-step sampling with a distilled motion adapter (diffutoon/fast.py, README "Fast
+                mode"): "lightning-1/2/4/8" (trailing Euler, guidance 1), "lcm-4/6/8" (LCM), "auto" (the preset of the
+                adapter `from_models` loaded) or "off" (sample as asked, whatever the adapter). It sets the scheduler,
+                and the steps and guidance left at their defaults. None: a distilled adapter with settings it was not
+                made for is refused with one ValueError.
+            preview (None): live previews of the clean-video estimate after every step (diffutoon/previews.py): None
+                writes `previews/latest.png` into `render_dir` when there is one; False: none; a path (.png/.jpg:
+                a strip of frames, .mp4/.gif: every frame) is kept up to date as well. `progress_callback` hears of
+                each: "preview" (the file), "preview_step". Never part of the render's identity or result.
+            preview_vae: an `AutoencoderTiny` (TAESD, madebyollin/taesd) for sharper previews; default: a linear map
+                of the latent channels to RGB at latent size.
 
         Setting `pipe._interrupt = True` (from a callback or another thread) stops at the next window. With
         `render_dir`, the call then returns `frames=None, interrupted=True` and the folder resumes it later;
@@ -1131,6 +1159,11 @@ class DiffutoonPipeline(
         height, width = source.height if height is None else height, source.width if width is None else width
         if motion_groupnorm not in ("per_frame", "diffusers"):
             raise ValueError(f"motion_groupnorm must be 'per_frame' or 'diffusers', got {motion_groupnorm!r}.")
+        # The sampler: the pipeline's, or a fast preset's with its steps and guidance (diffutoon/fast.py)
+        scheduler, num_inference_steps, guidance_scale, generator = fast_settings(
+            self.scheduler, self.config.get("motion_adapter_kind"), fast_mode, num_inference_steps, guidance_scale,
+            strength, generator)
+        Previewer.check(preview)
 
         # 1. Check inputs before any model runs
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
@@ -1180,30 +1213,34 @@ class DiffutoonPipeline(
                                        group=run.group)
 
             # 6. Timesteps
-            timesteps = self._timesteps(self.scheduler, num_inference_steps, strength, self._execution_device)
+            timesteps = self._timesteps(scheduler, num_inference_steps, strength, self._execution_device)
             self._num_timesteps = len(timesteps)
 
             # 7. Initial latents (pure noise, eq. 1, or the noised video for strength < 1), or the last checkpoint
-            latents, first_step = self._initial_latents(run, "main", self.scheduler, timesteps, source, height, width,
+            latents, first_step = self._initial_latents(run, "main", scheduler, timesteps, source, height, width,
                                                         latents, generator, strength, decode_chunk_size, cond=cond)
 
             # 8. Denoising loop: the sampler sees only full-length latents and noise predictions
             with per_frame_motion_groupnorm(self.unet, motion_groupnorm == "per_frame"):
-                latents, complete = self._sample(run, "main", latents, first_step, timesteps, cond, self.scheduler,
+                latents, complete = self._sample(run, "main", latents, first_step, timesteps, cond, scheduler,
                                                  "denoising (steps x windows)", callback_on_step_end,
-                                                 callback_on_step_end_tensor_inputs, generator)
+                                                 callback_on_step_end_tensor_inputs, generator,
+                                                 self._previewer(run, preview, preview_vae, fps))
             if not complete and render_dir is not None:
                 return self._interrupted(run, return_dict)
 
-            # 9. Decode a chunk of frames at a time, into memory or straight into the output file
-            frames = self._output(run, latents, output_type, output_path, fps, source, decode_chunk_size, overwrite)
+            # 9. Decode a chunk of frames at a time, into memory or straight into the output file; the quality report
+            quality = self._quality_report(run, cond.windows, len(source), output_type, output_path)
+            frames = self._output(run, latents, output_type, output_path, fps, source, decode_chunk_size, overwrite,
+                                  quality)
+            report = self._publish_report(run, quality)
             run.finish(complete)
         self.maybe_free_model_hooks()
         color_frames = color_video.array if edit_prompt is not None and isinstance(color_video, HostFrames) else None
         if not return_dict:
             return (frames, color_frames)
         return DiffutoonPipelineOutput(frames=frames, color_frames=color_frames, interrupted=not complete,
-                                       path=None if output_path is None else Path(output_path))
+                                       path=None if output_path is None else Path(output_path), report=report)
 
     def _interrupted(self, run, return_dict: bool):
         """What an interrupted call with a render folder returns; the folder holds the last completed step."""
@@ -1277,7 +1314,8 @@ class DiffutoonPipeline(
         """Every setting that changes the result, the input, the models, the versions."""
         ignored = ("self", "video", "output_type", "return_dict", "callback_on_step_end", "render_dir", "fresh",
                    "keep_render_dir", "output_path", "fps", "progress_callback", "edit_kwargs", "distributed",
-                   "decode_chunk_size", "overwrite", "memory_plan", "memory_budget")  # operational: they do not change the frames
+                   "decode_chunk_size", "overwrite", "memory_plan", "memory_budget", "preview",
+                   "preview_vae")  # operational: they do not change the frames
         settings = {k: setting_identity(v) for k, v in arguments.items() if k not in ignored}
         settings["edit"] = {k: setting_identity(v) for k, v in edit_settings.items() if k not in ignored}
         settings["scheduler"] = [type(self.scheduler).__name__,
@@ -1328,7 +1366,7 @@ class DiffutoonPipeline(
         return frames, 0
 
     def _sample(self, run, name: str, latents, first_step: int, timesteps, cond: DiffutoonConditions, scheduler,
-                desc: str, callback=None, callback_inputs=("latents",), generator=None):
+                desc: str, callback=None, callback_inputs=("latents",), generator=None, previewer=None):
         """The sampler: full-length noise prediction, scheduler step, callback, checkpoint; it never sees a window.
         Starts after `first_step` completed steps (a resumed render). Returns (the latents of the last completed
         step, whether every step ran)."""
@@ -1347,30 +1385,53 @@ class DiffutoonPipeline(
                                windows=num_windows, done=i * num_windows + window, total=num_steps * num_windows,
                                frames=len(latents))
 
-                noise = self.denoise(latents, t, self._step_conditions(cond), out=run.scratch(f"{name}-noise", latents.shape),
+                # the model input: Euler's c_in scaling, or the latents themselves (DDIM, LCM)
+                x = model_input(scheduler, t, latents, lambda: run.scratch(f"{name}-input", latents.shape))
+                noise = self.denoise(x, t, self._step_conditions(cond), out=run.scratch(f"{name}-noise", latents.shape),
                                      on_window=on_window)
                 if noise is None:  # interrupted within the step: it is dropped
                     return latents, False
-                latents = self._step(scheduler, noise, t, latents, run.latents(name, i + 1, latents.shape))
+                before, wanted = latents, previewer.frames_needed(len(latents)) if previewer else None
+                latents, x0 = self._step(scheduler, noise, t, latents, run.latents(name, i + 1, latents.shape),
+                                         generator, wanted)
+                if previewer:  # reads the step's tensors only: the render is the same without it
+                    previewer.publish(i, num_steps, x0 if x0 is not None else
+                                      lambda: self._x0(scheduler, t, before, noise, wanted), wanted)
                 if callback is not None:
                     self._callback(callback, callback_inputs, i, t, latents, cond)
                 run.checkpoint(name, i + 1, latents, checkpoint_state(scheduler, generator, self._guidance_scale, cond))
         return latents, True
 
     @staticmethod
-    def _step(scheduler, noise, t, latents, out):
+    def _step(scheduler, noise, t, latents, out, generator=None, estimate=None):
         """One scheduler step of the whole video into the frame array `out`. The reference DDIM is elementwise: it
-        steps a few frames at a time, so host memory holds those; other schedulers get diffusers' full tensors."""
+        steps a few frames at a time, so host memory holds those; other schedulers get diffusers' full tensors and
+        the call's generator (LCM's noise). Returns (`out`, the scheduler's clean estimate of frames `estimate`, or
+        None if it gives none or none was asked for)."""
         if hasattr(scheduler, "step_function"):
             step = scheduler.step_function(t)
             for start in range(0, len(latents), 4 * CHUNK):
                 end = start + 4 * CHUNK
                 out.write(start, step(torch.from_numpy(noise.read(start, end)),
                                       torch.from_numpy(latents.read(start, end))).numpy())
-        else:
-            x = scheduler.step(_video_latents(noise), t, _video_latents(latents)).prev_sample.float()
-            out.write(0, x[0].transpose(0, 1).numpy())
-        return out
+            return out, None
+        x, x0 = scheduler_step(scheduler, _video_latents(noise), t, _video_latents(latents), generator)
+        out.write(0, x[0].transpose(0, 1).numpy())
+        return out, None if x0 is None or estimate is None else x0[0].transpose(0, 1)[estimate]
+
+    @staticmethod
+    def _x0(scheduler, t, latents, noise, frames: list[int]) -> torch.Tensor:
+        """The clean estimate of `frames` from an epsilon prediction (the reference DDIM's step gives none)."""
+        pick = lambda a: torch.from_numpy(np.stack([a.read(f, f + 1)[0] for f in frames]))  # noqa: E731
+        return ddim_x0(scheduler, t, pick(latents), pick(noise))
+
+    def _previewer(self, run, preview, preview_vae, fps):
+        """Where this call's previews go (diffutoon/previews.py), or None: rank 0 writes them."""
+        if preview is False or process_rank(run.group):
+            return None
+        path = None if preview is None or preview is True else preview
+        previewer = Previewer(getattr(run, "path", None), path, preview_vae, run.report, fps)
+        return previewer if previewer.enabled else None
 
     def _callback(self, callback, callback_inputs, i: int, t, latents, cond: DiffutoonConditions):
         """diffusers' `callback_on_step_end`: it sees video latents (1, C, N, h, w) and may replace them and the
@@ -1384,17 +1445,25 @@ class DiffutoonPipeline(
         cond.negative_prompt_embeds = outputs.pop("negative_prompt_embeds", cond.negative_prompt_embeds)
 
     def _output(self, run, latents, output_type: str, output_path, fps, source, decode_chunk_size: int,
-                overwrite: bool = False):
-        """The frames as `output_type`, or None once streamed into `output_path` (a video file or PNG folder)."""
+                overwrite: bool = False, quality=None):
+        """The frames as `output_type`, or None once streamed into `output_path` (a video file or PNG folder).
+        `quality` (diffutoon/report.py) sees every output frame with its source frame."""
         n = len(latents)
+        h, w = latents.shape[2] * self.vae_scale_factor, latents.shape[3] * self.vae_scale_factor
+        sources = (source.resized(s, s + decode_chunk_size, h, w).permute(0, 2, 3, 1).numpy()
+                   for s in range(0, n, decode_chunk_size))  # for `quality`, read as the output is
         if output_type == "latent":
             return _video_latents(latents).contiguous().clone()
         if output_path is None:  # diffusers' batch of one video
             frames = self.decode_latents(latents, decode_chunk_size, output_type, report=run.report, group=run.group)
+            if quality is not None and frames is not None:
+                for start, chunk in zip(range(0, n, decode_chunk_size), sources):
+                    quality.add(_frames_uint8(frames[start : start + decode_chunk_size], output_type), chunk)
             return None if frames is None else [frames] if output_type == "pil" else frames[None]
         vio = _import("diffutoon.video", "Writing output_path")
         clip = source.clip if getattr(source.clip, "audio", False) else None  # a video file's audio goes along
         chunks = self._decoded(latents, decode_chunk_size, "uint8", report=run.report, group=run.group)
+        chunks = chunks if quality is None else quality.tap(chunks, sources)
         if process_rank(run.group):  # rank 0 writes the file: this process decodes its share
             for _ in chunks:
                 pass
@@ -1403,6 +1472,27 @@ class DiffutoonPipeline(
                          audio_span=clip.audio_span() if clip is not None else None, overwrite=overwrite,
                          progress=not getattr(self, "_progress_bar_config", {}).get("disable", False), total=n)
         return None
+
+    def _quality_report(self, run, windows, num_frames: int, output_type: str, output_path):
+        """The quality report's accumulator (diffutoon/report.py) when someone will read it (a render folder, a progress
+        callback, an output file) and this process has the frames; None without the project's report module (cv2)."""
+        wanted = getattr(run, "path", None) is not None or run.progress_callback is not None or output_path is not None
+        if not wanted or output_type == "latent" or process_rank(run.group):
+            return None
+        try:
+            return _import("diffutoon.report", "The quality report").QualityReport(windows, num_frames)
+        except ImportError as error:
+            logger.info(f"no quality report: {error}")
+            return None
+
+    @staticmethod
+    def _publish_report(run, quality) -> dict | None:
+        """`report.json` in the render folder, and "report" in the progress dict."""
+        if quality is None:
+            return None
+        report = quality.result(getattr(run, "path", None))  # writes report.json into a render folder
+        run.report(report=report)
+        return report
 
     def _check_output(self, output_path, fps, source, overwrite: bool = False):
         """Before any work: the output path's kind, that it is not the input, and the frame rate a video file needs."""
@@ -1595,6 +1685,14 @@ def _as_source(video) -> _VideoSource:
 def _frames_array(frames, writable: bool = False) -> np.ndarray:
     """A frame array's frames as one numpy array (memory-mapped for one in the render folder)."""
     return frames.array if isinstance(frames, HostFrames) else np.load(frames.path, mmap_mode="r+" if writable else "r")
+
+
+def _frames_uint8(frames, output_type: str) -> np.ndarray:
+    """Decoded frames ("pil" list, "np" (n, H, W, 3) in [0, 1], "pt" (n, 3, H, W)) as uint8 (n, H, W, 3)."""
+    if output_type == "pil":
+        return np.stack([np.asarray(f) for f in frames])
+    array = frames.permute(0, 2, 3, 1).numpy() if output_type == "pt" else np.asarray(frames)
+    return (array * 255).round().clip(0, 255).astype(np.uint8)
 
 
 def _video_latents(latents) -> torch.Tensor:

@@ -204,7 +204,9 @@ def _models():
     models = _Parser(add_help=False)
     g = models.add_argument_group("models (Hub ids, local folders, or for --base a single .safetensors/.ckpt)")
     g.add_argument("--base", default=DEFAULT_BASE, help=f"SD1.5 checkpoint, ideally an anime one (default {DEFAULT_BASE})")
-    g.add_argument("--motion-adapter", default=DEFAULT_MOTION_ADAPTER, help=f"default {DEFAULT_MOTION_ADAPTER}")
+    g.add_argument("--motion-adapter", default=DEFAULT_MOTION_ADAPTER, metavar="FILE|FOLDER|HUB_ID",
+                   help=f"default {DEFAULT_MOTION_ADAPTER}; also an AnimateDiff-Lightning .safetensors or AnimateLCM "
+                        "(see --fast)")
     g.add_argument("--lineart-controlnet", default=DEFAULT_LINEART, help=f"default {DEFAULT_LINEART}")
     g.add_argument("--tile-controlnet", default=DEFAULT_TILE, help=f"default {DEFAULT_TILE}")
     g.add_argument("--softedge-controlnet", default=DEFAULT_SOFTEDGE, help=f"editing branch (default {DEFAULT_SOFTEDGE})")
@@ -220,6 +222,12 @@ def _models():
     return models
 
 
+def _fast():
+    from . import fast_cli  # --fast, --preview, --preview-vae
+
+    return fast_cli.add_cli_options(_Parser(add_help=False))
+
+
 def build_parser():
     # parents are built afresh per subcommand: argparse shares their Action objects, so one subcommand's
     # set_defaults would otherwise change another's defaults
@@ -228,7 +236,7 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True, metavar="{render,deflicker,demo,ui}",
                                 parser_class=_Parser)
 
-    p = sub.add_parser("render", parents=[_span(), _render_folder_options(), _generation(), _models(), _common(),
+    p = sub.add_parser("render", parents=[_span(), _render_folder_options(), _generation(), _models(), _fast(), _common(),
                                             _memory_options()],
                        help="render a video in toon style",
                        description="Render a video in toon style (Diffutoon's main pass; with --edit-prompt the "
@@ -433,6 +441,10 @@ def _run_pipeline(args, pipe, clip, detector, edit_extra=None, **extra):
         kwargs.setdefault(key, value)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=args.quiet)
+    if getattr(args, "fast", None) or getattr(args, "preview", None) or getattr(args, "preview_vae", None):
+        from . import fast_cli
+
+        kwargs.update(fast_cli.cli_arguments(args, pipe))  # fast_mode, preview, preview_vae
     return pipe(**kwargs)
 
 
@@ -477,6 +489,10 @@ def _render(args, reader, indices, out, pipe, detector, edit_extra=None):
     if out.suffix.lower() in vio.VIDEO_SUFFIXES:  # probe the result: the span may lie past the source's audio
         what += ", with audio" if not args.no_audio and vio.probe(out)["has_audio"] else ", no audio"
     print(f"wrote {result.path}: {what}")
+    if getattr(result, "report", None):
+        from .report import summary
+
+        print(summary(result.report))
 
 
 # ---------------------------------------------------------------------------------------------- model loading

@@ -2,6 +2,7 @@
 SIGKILL in the middle of a step, or write slowly so that the test can kill it while it writes a checkpoint.
 
     python tests/render_job.py RENDER_DIR --out frames.npy [--edit] [--kill PASS STEP WINDOW] [--slow-writes]
+                               [--fast PRESET STEPS]
 """
 
 import argparse
@@ -53,6 +54,7 @@ def main(argv=None):
     parser.add_argument("--edit", action="store_true")
     parser.add_argument("--kill", nargs=3, metavar=("PASS", "STEP", "WINDOW"), help="SIGKILL after this window")
     parser.add_argument("--slow-writes", action="store_true", help="sleep in every frame-array write")
+    parser.add_argument("--fast", nargs=2, metavar=("PRESET", "STEPS"), help="fast_mode and num_inference_steps")
     args = parser.parse_args(argv)
     pipe = build()
     callback = None
@@ -73,7 +75,8 @@ def main(argv=None):
             write(self, start, values)
 
         render_folder.DiskFrames.write = slow
-    out = pipe(**job(args.edit), render_dir=args.render_dir, progress_callback=callback)
+    fast = dict(fast_mode=args.fast[0], num_inference_steps=int(args.fast[1])) if args.fast else {}
+    out = pipe(**job(args.edit, **fast), render_dir=args.render_dir, progress_callback=callback)
     np.save(args.out, out.frames[0])
 
 
