@@ -107,7 +107,7 @@ def load(keyframes, num_frames: int, video_size: tuple[int, int], height: int, w
             if not (_same_aspect(h, w, video_h, video_w) or _same_aspect(h, w, height, width)):
                 raise ValueError(f"{name} is {w}x{h}, but the video is {video_w}x{video_h} and the render {width}x{height}: "
                                  "paint on a frame of the video (its aspect ratio, any resolution) or of the render.")
-            image = resize(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None], height, width)
+            image = resize(torch.from_numpy(np.array(image)).permute(2, 0, 1)[None], height, width)
             image = image[0].permute(1, 2, 0).numpy()
         out[int(k)] = np.ascontiguousarray(image)
     return out
