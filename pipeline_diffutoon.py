@@ -167,6 +167,18 @@ def sliding_windows(num_frames: int, context_length: int, context_stride: int) -
     return windows
 
 
+def shot_windows(num_frames: int, context_length: int, context_stride: int, cuts=None) -> list[tuple[int, int]]:
+    """Eq. 2's windows made per shot when the video has scene cuts (the first frame of each new shot), so that no
+    window spans a cut; without cuts, `sliding_windows` itself.
+
+    >>> shot_windows(30, 16, 8, [10])
+    [(0, 10), (10, 26), (18, 30)]
+    """
+    bounds = [0, *(cuts or []), num_frames]
+    return [(s + a, s + b) for s, e in zip(bounds[:-1], bounds[1:])
+            for a, b in sliding_windows(e - s, context_length, context_stride)]
+
+
 def window_weights(start: int, end: int) -> torch.Tensor:
     """Paper eq. 5 as the reference computes it, for the frames of window [start, end):
     w(i) = max(1 - |i - (l + r - 1) / 2| / ((r - l - 1 + 0.01) / 2), 0.01).
@@ -1077,6 +1089,9 @@ class DiffutoonPipeline(
         fast_mode: str | None = None,
         preview: bool | str | os.PathLike | None = None,
         preview_vae=None,
+        keyframes: dict | None = None,
+        keyframe_kwargs: dict | None = None,
+        scene_cuts: str | list[int] | None = None,
     ):
         r"""Render `video` in the toon style.
 
@@ -1144,6 +1159,17 @@ class DiffutoonPipeline(
                 each: "preview" (the file), "preview_step". Never part of the render's identity or result.
             preview_vae: an `AutoencoderTiny` (TAESD, madebyollin/taesd) for sharper previews; default: a linear map
                 of the latent channels to RGB at latent size.
+            keyframes: painted frames {frame index: image (PIL, array, or file path)}: FastBlend's interpolation
+                propagates them over the video, guided by its frames, into the colour video of the tile ControlNet
+                (returned as `color_frames`); each keyframe index gets its keyframe exactly. A keyframe has the
+                video's aspect ratio (any resolution) or the render's and is centre-cropped and resized as the frames
+                are. Not with `edit_prompt` or `color_video` (they fill the same slot). See diffutoon/keyframes.py.
+            keyframe_kwargs: FastBlend `interpolate_video` options for the keyframes (batch_size, minimum_patch_size
+                (15), num_iter (5), guide_weight (10), seed...).
+            scene_cuts (None): "auto" (PySceneDetect's content detector, run over the frames before any model runs),
+                or a list of frame indices, each the first frame of a new shot: every shot is rendered on its own (no
+                sliding window spans a cut; FastBlend of the editing branch and of the keyframes runs per shot). The
+                cuts used are reported as `progress["scene_cuts"]`. None: one shot (no detection).
 
         Setting `pipe._interrupt = True` (from a callback or another thread) stops at the next window. With
         `render_dir`, the call then returns `frames=None, interrupted=True` and the folder resumes it later;
@@ -1178,6 +1204,13 @@ class DiffutoonPipeline(
         prompt = prompt if isinstance(prompt, str) else prompt[0]
         negative_prompt = "" if negative_prompt is None else negative_prompt if isinstance(negative_prompt, str) else negative_prompt[0]
         kinds = self.config.controlnet_conditions.split(",")
+        if keyframes is not None:  # painted keyframes: checked and resized now, their pixels in the render's identity
+            keyframes, keyframe_kwargs = self._check_keyframes(source, keyframes, keyframe_kwargs, height, width,
+                                                               edit_prompt, color_video)
+            arguments["keyframes"] = _import("diffutoon.keyframes", "keyframes").identity(keyframes)
+        scene_cuts = arguments["scene_cuts"] = _scene_cuts(scene_cuts, source, "scene_cuts")  # "auto": detected now
+        if scene_cuts is not None and edit_settings:
+            edit_settings["scene_cuts"] = scene_cuts  # the editing branch renders the same shots
         self._interrupt = False
         self._guidance_scale = guidance_scale
 
@@ -1188,12 +1221,18 @@ class DiffutoonPipeline(
             if plan is not None:  # exact savings: the same frames within float rounding (the identity is the call's)
                 decode_chunk_size, edit_settings = plan.decode_chunk_size, plan.edit_settings(edit_settings)
                 run.report(memory_plan=str(plan))
+            if scene_cuts is not None:
+                run.report(scene_cuts=scene_cuts)
             # 3. The editing branch (optional): a prompt-edited, deflickered colour video for the tile ControlNet
             if edit_prompt is not None:
                 edit_settings.setdefault("cross_attention_kwargs", cross_attention_kwargs)  # LoRA scales: both passes
                 color_video = self._edit_pass(run, source, edit_prompt, negative_prompt, generator, **edit_settings)
                 if color_video is None:
                     return self._interrupted(run, return_dict)
+            elif keyframes is not None:  # the painted keyframes propagated by FastBlend, per shot
+                color_video = _import("diffutoon.keyframes", "keyframes").propagate(
+                    run, source, keyframes, height, width, scene_cuts, keyframe_kwargs, self._execution_device,
+                    not getattr(self, "_progress_bar_config", {}).get("disable", False))
             elif color_video is not None:
                 color_video = HostFrames(_video_to_uint8(color_video, "color_video").permute(0, 2, 3, 1).numpy())
 
@@ -1207,8 +1246,9 @@ class DiffutoonPipeline(
                                                                       (cross_attention_kwargs or {}).get("scale"))
             cond = DiffutoonConditions(prompt_embeds, negative_prompt_embeds, control_frames,
                                        _per_net(controlnet_conditioning_scale, len(kinds)),
-                                       sliding_windows(len(source), context_length, context_stride), guidance_scale,
-                                       batch_cfg and (plan is None or plan.batch_cfg), cross_attention_kwargs,
+                                       shot_windows(len(source), context_length, context_stride, scene_cuts),
+                                       guidance_scale, batch_cfg and (plan is None or plan.batch_cfg),
+                                       cross_attention_kwargs,
                                        reuse=reuse_across_windows and (plan is None or plan.reuse_across_windows),
                                        group=run.group)
 
@@ -1236,7 +1276,8 @@ class DiffutoonPipeline(
             report = self._publish_report(run, quality)
             run.finish(complete)
         self.maybe_free_model_hooks()
-        color_frames = color_video.array if edit_prompt is not None and isinstance(color_video, HostFrames) else None
+        made = edit_prompt is not None or keyframes is not None
+        color_frames = color_video.array if made and isinstance(color_video, HostFrames) else None
         if not return_dict:
             return (frames, color_frames)
         return DiffutoonPipelineOutput(frames=frames, color_frames=color_frames, interrupted=not complete,
@@ -1303,10 +1344,11 @@ class DiffutoonPipeline(
 
         if group is None:
             return open_run()
-        windows = {"conditions/": sliding_windows(len(source), arguments["context_length"], arguments["context_stride"])}
+        windows = {"conditions/": shot_windows(len(source), arguments["context_length"], arguments["context_stride"],
+                                               arguments.get("scene_cuts"))}
         if edit_settings:  # each process makes the condition frames its windows read
-            windows["edit/conditions/"] = sliding_windows(len(source), edit_settings["context_length"],
-                                                          edit_settings["context_stride"])
+            windows["edit/conditions/"] = shot_windows(len(source), edit_settings["context_length"],
+                                                       edit_settings["context_stride"], edit_settings.get("scene_cuts"))
         call = {k: arguments[k] is not None for k in ("render_dir", "output_path")}
         return open_shared_run(group, {**identity, "call": call}, open_run, windows, CHUNK)
 
@@ -1548,6 +1590,21 @@ class DiffutoonPipeline(
             "fastblend")})
         return settings
 
+    def _check_keyframes(self, source, keyframes, keyframe_kwargs, height, width, edit_prompt, color_video):
+        """Painted keyframes read, checked and resized as the frames are, before any work (diffutoon/keyframes.py);
+        returns (keyframes, FastBlend options)."""
+        if edit_prompt is not None or color_video is not None:
+            raise ValueError("Pass either `keyframes` or `edit_prompt` / `color_video`, not both: each makes the tile "
+                             "ControlNet's colour video (to recolour painted keyframes, paint the recolouring in them).")
+        if "tile" not in self.config.controlnet_conditions.split(","):
+            raise ValueError("Painted keyframes feed the tile ControlNet, and this pipeline has none "
+                             f"(controlnet_conditions={self.config.controlnet_conditions!r}).")
+        _import("fastblend", "Propagating painted keyframes")
+        keyframes_module = _import("diffutoon.keyframes", "Painted keyframes")
+        options = keyframes_module.check_options(keyframe_kwargs, height, width)
+        return keyframes_module.load(keyframes, len(source), (source.height, source.width), height, width,
+                                     _resize_uint8), options
+
     def _check_edit_settings(self, video, height, width, num_inference_steps, strength, context_length,
                              context_stride, conditioning_frames, controlnet_conditioning_scale, guidance_scale=7.0,
                              clip_skip=None, decode_chunk_size=8, fastblend=None):
@@ -1587,6 +1644,7 @@ class DiffutoonPipeline(
         scheduler=None,
         cross_attention_kwargs: dict | None = None,
         reuse_across_windows: bool = True,
+        scene_cuts: str | list[int] | None = None,
     ) -> np.ndarray:
         """The editing branch: the edited colour video, uint8 (N, height, width, 3), SPEC 2's defaults.
 
@@ -1602,6 +1660,7 @@ class DiffutoonPipeline(
             scheduler: defaults to the reference DDIM with scaled-linear betas.
             cross_attention_kwargs: as in `__call__` (e.g. {"scale": 0.7} scales LoRAs, text encoder included).
             reuse_across_windows: as in `__call__`: the ControlNets run once per frame and step.
+            scene_cuts: as in `__call__`: windows and FastBlend per shot.
         """
         settings = dict(locals())
         source = _as_source(settings.pop("video"))
@@ -1610,13 +1669,14 @@ class DiffutoonPipeline(
                                   conditioning_frames, controlnet_conditioning_scale, guidance_scale, clip_skip,
                                   decode_chunk_size, fastblend)
         self._interrupt = False
+        settings["scene_cuts"] = _scene_cuts(scene_cuts, source, "scene_cuts")
         colors = self._edit_pass(InMemoryRender(), source, **settings)
         return None if colors is None else colors.array
 
     def _edit_pass(self, run, source, edit_prompt, negative_prompt, generator, height, width, num_inference_steps,
                    guidance_scale, strength, context_length, context_stride, controlnet_conditioning_scale, clip_skip,
                    conditioning_frames, detectors, cross_frame_mode, fastblend, decode_chunk_size, scheduler,
-                   cross_attention_kwargs, reuse_across_windows):
+                   cross_attention_kwargs, reuse_across_windows, scene_cuts=None):
         """The editing branch's colour video as a frame array (N, height, width, 3) of `run` (stages done before a
         crash are kept), or None if interrupted. `make_color_video` documents the settings."""
         cross_frame_attention = _import("attention_processors", "The editing branch").cross_frame_attention
@@ -1639,7 +1699,7 @@ class DiffutoonPipeline(
                                                                   (cross_attention_kwargs or {}).get("scale"))
         cond = DiffutoonConditions(prompt_embeds, negative_prompt_embeds, control_frames,
                                    _per_net(controlnet_conditioning_scale, len(kinds)),
-                                   sliding_windows(n, context_length, context_stride), guidance_scale,
+                                   shot_windows(n, context_length, context_stride, scene_cuts), guidance_scale,
                                    cross_attention_kwargs=cross_attention_kwargs, branch="edit",
                                    reuse=reuse_across_windows, group=run.group)
         timesteps = self._timesteps(scheduler, num_inference_steps, strength, self._execution_device)
@@ -1667,8 +1727,9 @@ class DiffutoonPipeline(
             run.report(stage="fastblend", **{"pass": "edit"}, done=0, total=n)
             options = {**FASTBLEND_DEFAULTS, "device": self._execution_device, **(fastblend or {})}
             progress = not getattr(self, "_progress_bar_config", {}).get("disable", False)
-            smooth_video(_frames_array(decoded), _frames_array(frames.clip), progress=progress,
-                         out=_frames_array(colors, writable=True), **options)  # each frame written as it is done
+            style, guide, out = _frames_array(decoded), _frames_array(frames.clip), _frames_array(colors, writable=True)
+            for s, e in [(0, n)] if not scene_cuts else zip([0, *scene_cuts], [*scene_cuts, n]):  # never across a cut
+                smooth_video(style[s:e], guide[s:e], progress=progress, out=out[s:e], **options)  # each frame as done
         run.finish_stage("edit")
         return broadcast_frames(run.group, colors, "sharing the colour video")
 
@@ -1676,6 +1737,17 @@ class DiffutoonPipeline(
 def _finite(value) -> bool:
     """A real, finite number (not a bool, nan or inf)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _scene_cuts(scene_cuts, source: _VideoSource, name: str):
+    """None, or the checked list of cuts; "auto" detects them now, a chunk of frames at a time (diffutoon/scenes.py)."""
+    if scene_cuts is None:
+        return None
+    scenes = _import("diffutoon.scenes", name)
+    if isinstance(scene_cuts, str) and scene_cuts.lower() == "auto":
+        _import("scenedetect", f"{name}='auto'", scenes.INSTALL)
+    read = lambda s, e: source.read(s, e).permute(0, 2, 3, 1).numpy()  # noqa: E731
+    return scenes.resolve(scene_cuts, read, len(source))
 
 
 def _as_source(video) -> _VideoSource:

@@ -30,6 +30,7 @@ setup(
         "numpy>=1.26",
         "pillow>=10",
         "tqdm>=4.66",
+        "scenedetect-headless>=0.7",  # scene_cuts="auto" (PySceneDetect's content detector, imported when used)
     ],
     extras_require={
         # the web app (`diffutoon ui`, app.py)

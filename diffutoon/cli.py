@@ -228,6 +228,75 @@ def _fast():
     return fast_cli.add_cli_options(_Parser(add_help=False))
 
 
+def _look():
+    """Painted keyframes and scene cuts (issue 19; diffutoon/keyframes.py, diffutoon/scenes.py)."""
+    look = _Parser(add_help=False)
+    g = look.add_argument_group("direct the look")
+    g.add_argument("--keyframe", action="append", default=[], metavar="FRAME=IMAGE",
+                   help="a frame you repainted: source frame number or time (120=f.png, 4.5s=f.png), image of the "
+                        "video's or the output's aspect. FastBlend spreads it over the video as the tile ControlNet's "
+                        "colours. Repeatable; not with --edit-prompt")
+    g.add_argument("--scene-cuts", default="auto", metavar="auto|none|12,340",
+                   help="render each shot on its own: auto (PySceneDetect's content detector), none, or the source "
+                        "frames (or times, 2.5s) where new shots start (default %(default)s: a video without cuts "
+                        "renders as with none)")
+    return look
+
+
+def _resolve_look(args, reader, indices, height, width):
+    """--keyframe and --scene-cuts as pipeline arguments (args.look), checked and detected before any model loads;
+    the keyframes are resized as the clip's frames are (--resize), the cuts printed."""
+    from . import keyframes as kf
+    from . import scenes
+
+    look = {}
+    if args.keyframe and args.edit_prompt:
+        raise CLIError("--keyframe and --edit-prompt both make the tile ControlNet's colours: use one of them")
+    frames = {}
+    for text in args.keyframe:
+        try:
+            position, path = kf.parse_cli(text)
+            index = kf.select(text, position, reader.fps, indices)
+            image = kf._image(path, f"--keyframe {text}")
+        except ValueError as e:
+            raise CLIError(str(e)) from e
+        h, w = image.shape[:2]
+        if index in frames:
+            raise CLIError(f"--keyframe {text}: frame {indices[index]} has a keyframe already")
+        if (h, w) != (height, width) and not kf._same_aspect(h, w, reader.height, reader.width):
+            raise CLIError(f"--keyframe {text}: {path} is {w}x{h}, but the video is {reader.width}x{reader.height} and "
+                           f"the output {width}x{height}: paint on a frame of the video or of the output")
+        frames[index] = vio.resize_frames(image[None], height, width, args.resize)[0]
+    if frames:
+        look["keyframes"] = frames
+    try:
+        given = scenes.parse_cli(args.scene_cuts)
+    except ValueError as e:
+        raise CLIError(str(e)) from e
+    if given == "auto":
+        read = lambda s, e: reader.read(indices[s:e])  # noqa: E731  at the source's size, a chunk at a time
+        with _bar(args, len(indices), "finding scene cuts") as bar:
+            cuts = scenes.detect_cuts(read, len(indices), progress=lambda done: bar.update(done - bar.n))
+    elif given == "none":
+        cuts = None
+    else:  # source frames / times -> the first rendered frame at or after each; cuts outside the range are dropped
+        frames_at = [_frame(p, reader.fps) for p in given]
+        cuts = sorted({next(i for i, f in enumerate(indices) if f >= c) for c in frames_at
+                       if indices[0] < c <= indices[-1]})
+    if cuts is not None:
+        look["scene_cuts"] = cuts
+        if not args.quiet:
+            where = ", ".join(f"{c} (source frame {indices[c]})" for c in cuts) or "none found"
+            print(f"scene cuts at rendered frames: {where}; {len(cuts) + 1} shot(s)", file=sys.stderr)
+    args.look = look
+
+
+def _bar(args, total, desc):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="frame", disable=args.quiet)
+
+
 def build_parser():
     # parents are built afresh per subcommand: argparse shares their Action objects, so one subcommand's
     # set_defaults would otherwise change another's defaults
@@ -236,8 +305,8 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True, metavar="{render,deflicker,demo,ui}",
                                 parser_class=_Parser)
 
-    p = sub.add_parser("render", parents=[_span(), _render_folder_options(), _generation(), _models(), _fast(), _common(),
-                                            _memory_options()],
+    p = sub.add_parser("render", parents=[_span(), _render_folder_options(), _generation(), _look(), _models(),
+                                            _fast(), _common(), _memory_options()],
                        help="render a video in toon style",
                        description="Render a video in toon style (Diffutoon's main pass; with --edit-prompt the "
                        "editing branch runs first). Output: the source's fps, length and audio by default.")
@@ -255,7 +324,7 @@ def build_parser():
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.set_defaults(func=cmd_deflicker)
 
-    p = sub.add_parser("demo", parents=[_span(), _render_folder_options(), _generation(), _common()],
+    p = sub.add_parser("demo", parents=[_span(), _render_folder_options(), _generation(), _look(), _common()],
                        help="offline end-to-end check with tiny random models",
                        description="Offline check of the whole path (file -> frames -> annotators -> sliding-window "
                        "denoising -> mp4 with sound) with tiny random-weight models. "
@@ -433,6 +502,7 @@ def _run_pipeline(args, pipe, clip, detector, edit_extra=None, **extra):
                   clip_skip=args.clip_skip, strength=args.strength,
                   generator=torch.Generator("cpu").manual_seed(args.seed), output_type="pil",  # uint8 frames
                   decode_chunk_size=args.decode_chunk_size, lineart_detector=detector, **extra)
+    kwargs.update(getattr(args, "look", None) or {})  # --keyframe, --scene-cuts
     if args.edit_prompt:  # SPEC 2's editing branch, its own size / steps / strength
         kwargs["edit_prompt"] = args.edit_prompt
         kwargs["edit_kwargs"] = dict(height=args.edit_height, width=args.edit_width, num_inference_steps=args.edit_steps,
@@ -671,6 +741,7 @@ def cmd_render(args):
     device, dtype = _torch_setup(args)
     _check_sources(_model_sources(args)[0])
     _check_model_limits(args)
+    _resolve_look(args, reader, indices, *_check_sizes(args, reader))  # reads the frames with --scene-cuts auto
     if not args.quiet:
         print(f"loading models on {device} ({str(dtype).replace('torch.', '')})...", file=sys.stderr)
     pipe, detector = _load_pipeline(args, device, dtype)
@@ -716,6 +787,7 @@ def cmd_demo(args):
             print(f"input: {args.input} ({args.num_frames} frames of a photograph with camera motion, a 440 Hz tone)")
         reader, indices = _open_input(args)
         vio.check_room(out, vio.output_bytes(out, len(indices), *_check_sizes(args, reader)))
+        _resolve_look(args, reader, indices, *_check_sizes(args, reader))
         _import_pipeline()  # puts a source checkout's pipeline_diffutoon.py on the path for .tiny
         from . import tiny
 

@@ -293,12 +293,12 @@ class Group:
         if any(status[3] for status in self.agree("denoising", error, stopped)):
             return None  # every rank drops the step
         if mine:
-            if before:  # the earlier ranks' running sum of the shared frames, then this rank's windows in order
+            if before and head > lo:  # the earlier ranks' running sum of the shared frames, then this rank's windows
                 shared = self.recv("denoising", (head - lo, *frame), before[-1])
                 for start, w in parts:
                     shared[start - lo : start - lo + len(w)] += w
                 total[: head - lo] = shared
-            if after:
+            if after and split[after[0]][0][0] < hi:  # nothing is shared when a scene cut falls between the shares
                 self.send("denoising", total[split[after[0]][0][0] - lo :], after[0])
         # each frame's final value is on the rank holding its last window: from there to every rank
         owned = {r: (split[r][0][0], split[nxt][0][0] if nxt is not None else len(out))
