@@ -82,6 +82,9 @@ try:  # the installed package: one class, whatever loaded this file (saved pipel
     DistributedError, broadcast_frames, map_chunks, open_shared_run, process_group, process_rank = _import_names(
         "diffutoon.distributed", "DistributedError", "broadcast_frames", "map_chunks", "open_shared_run",
         "process_group", "process_rank")
+    TextEmbeds, check_text_inputs, encode_pair, frame_embeds, text_inputs, token_rows = _import_names(
+        "diffutoon.prompts", "TextEmbeds", "check_text_inputs", "encode_pair", "frame_embeds", "text_inputs",
+        "token_rows")
 except ImportError:
     if not __package__:
         raise
@@ -94,6 +97,8 @@ except ImportError:
     from .diffutoon.reuse import WindowReuse, compute_prefix, has_prefix
     from .diffutoon.distributed import (DistributedError, broadcast_frames, map_chunks,  # noqa: F401
                                         open_shared_run, process_group, process_rank)
+    from .diffutoon.prompts import (TextEmbeds, check_text_inputs, encode_pair, frame_embeds,  # noqa: F401
+                                    text_inputs, token_rows)
 # <<< main-pass modules <<<
 
 DEFAULT_PROMPT = "best quality, perfect anime illustration, light"  # SPEC's example adds its subject: "a girl is dancing, smile, solo"
@@ -400,6 +405,8 @@ class DiffutoonConditions:
     cross_frame: Any = None  # the editing branch's `attention_processors.CrossFrameState`, told each window's length
     reuse: bool = True  # compute what no window changes once per step and branch (issue 11)
     group: Any = None  # diffutoon.distributed.Group: the windows split over processes (issue 12)
+    prompt_frames: tuple | None = None  # prompts over time: the key frames of prompt_embeds (K, L, D); None: (1, L, D)
+    negative_prompt_frames: tuple | None = None
 
     @property
     def do_classifier_free_guidance(self) -> bool:
@@ -550,21 +557,19 @@ class DiffutoonPipeline(
     # ------------------------------------------------------------------------------------------------------------
     # Text
 
-    def encode_prompt(self, prompt: str, device: torch.device, clip_skip: int | None = None) -> torch.Tensor:
+    def encode_prompt(self, prompt: str, device: torch.device, clip_skip: int | None = None,
+                      long_prompt: str = "chunks") -> torch.Tensor:
         """CLIP text embedding (1, 77 k, D) of one prompt, with textual-inversion keywords expanded.
 
         `clip_skip=1` takes the penultimate layer, followed by the final layer norm (A1111 "clip skip 2").
-        Prompts longer than 77 tokens are split into 77-token chunks whose encodings are concatenated, as
-        the reference does.
+        A prompt of more than 75 tokens becomes k rows of 77 tokens, encoded each on its own and concatenated:
+        `long_prompt="chunks"` (default, A1111's way) gives every 75 tokens their own BOS/EOS; "reference" (the
+        authors' code) pads BOS + tokens + EOS to a multiple of 77 and splits it raw; "truncate" keeps the first 75
+        tokens (diffusers' SD pipelines). See `diffutoon.prompts.token_rows`.
         """
         prompt = self.maybe_convert_prompt(prompt, self.tokenizer)
         ids = self.tokenizer(prompt, truncation=False, add_special_tokens=False).input_ids
-        per_chunk = self.tokenizer.model_max_length - 2
-        chunks = [ids[i : i + per_chunk] for i in range(0, max(len(ids), 1), per_chunk)] or [[]]
-        bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
-        rows = [[bos, *chunk, eos] + [pad] * (per_chunk - len(chunk)) for chunk in chunks]
-        input_ids = torch.tensor(rows, device=device)
+        input_ids = torch.tensor(token_rows(self.tokenizer, ids, long_prompt), device=device)
         text_model = getattr(self.text_encoder, "text_model", self.text_encoder)  # transformers < 5.6 wraps it
         if clip_skip:
             hidden = self.text_encoder(input_ids, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
@@ -652,14 +657,13 @@ class DiffutoonPipeline(
         """The whole denoiser on frames [start, end): ControlNets + UNet + motion modules, CFG included (eq. 3, 6).
         `latents` is the window (1, C, F, h, w) on the execution device; returns the guided prediction."""
         if not cond.do_classifier_free_guidance:
-            return self._branch_noise_pred(latents, t, cond.prompt_embeds, cond, start, end, reuse, "single")
+            return self._branch_noise_pred(latents, t, cond, start, end, reuse, "single")
         if cond.batch_cfg:
-            both = torch.cat([cond.negative_prompt_embeds, cond.prompt_embeds])
-            noise_neg, noise_pos = self._branch_noise_pred(latents.expand(2, -1, -1, -1, -1), t, both, cond, start, end,
+            noise_neg, noise_pos = self._branch_noise_pred(latents.expand(2, -1, -1, -1, -1), t, cond, start, end,
                                                            reuse, "cfg").chunk(2)
         else:
-            noise_neg = self._branch_noise_pred(latents, t, cond.negative_prompt_embeds, cond, start, end, reuse, "neg")
-            noise_pos = self._branch_noise_pred(latents, t, cond.prompt_embeds, cond, start, end, reuse, "pos")
+            noise_neg = self._branch_noise_pred(latents, t, cond, start, end, reuse, "neg")
+            noise_pos = self._branch_noise_pred(latents, t, cond, start, end, reuse, "pos")
         return classifier_free_guidance(noise_neg, noise_pos, cond.guidance_scale)
 
     def _controlnet_residuals(self, latents, t, embeds, cond: DiffutoonConditions, start: int, end: int):
@@ -679,11 +683,21 @@ class DiffutoonPipeline(
             mid = m if mid is None else mid + m
         return down, mid
 
-    def _branch_noise_pred(self, latents, t, embeds, cond, start, end, reuse=None, key="single"):
+    @staticmethod
+    def _frame_embeds(cond: DiffutoonConditions, key: str, start: int, end: int) -> torch.Tensor:
+        """The text embeddings (B F, L, D), branch-major, of frames [start, end) for the CFG branch group `key`
+        ("cfg": negative then positive, "neg", "pos", "single"): each frame its own (prompts over time)."""
+        positive = frame_embeds(cond.prompt_embeds, cond.prompt_frames, start, end)
+        if key in ("single", "pos"):
+            return positive
+        negative = frame_embeds(cond.negative_prompt_embeds, cond.negative_prompt_frames, start, end)
+        return negative if key == "neg" else torch.cat([negative, positive])
+
+    def _branch_noise_pred(self, latents, t, cond, start, end, reuse=None, key="single"):
         """One UNet call on a batch of B windows (B = CFG branches); the ControlNet residuals and the UNet's first
         layers come from `reuse` when given (computed once per frame and step), else are computed here."""
         b, f = latents.shape[0], latents.shape[2]
-        embeds = embeds.to(latents.device, self.unet.dtype).repeat_interleave(f, dim=0)  # (B F, L, D): branch-major
+        embeds = self._frame_embeds(cond, key, start, end).to(latents.device, self.unet.dtype)  # (B F, L, D)
         if cond.cross_frame is not None:
             cond.cross_frame.num_frames = f  # joint attention within each branch's f frames
         if reuse is None:
@@ -698,13 +712,10 @@ class DiffutoonPipeline(
 
     def _window_reuse(self, latents, t, cond: DiffutoonConditions) -> WindowReuse:
         """The caches of one step's per-frame work (diffutoon/reuse.py), fed from the full-length latents."""
-        both = torch.cat([cond.negative_prompt_embeds, cond.prompt_embeds]) if cond.do_classifier_free_guidance else None
-        embeds = {"single": cond.prompt_embeds, "pos": cond.prompt_embeds, "neg": cond.negative_prompt_embeds, "cfg": both}
-
         def inputs(key, start, end):
             x = self._latent_window(latents, start, end)
-            e = embeds[key].to(x.device, self.unet.dtype)
-            return x.expand(e.shape[0], -1, -1, -1, -1), e.repeat_interleave(end - start, dim=0)
+            e = self._frame_embeds(cond, key, start, end).to(x.device, self.unet.dtype)  # (B F, L, D)
+            return x.expand(e.shape[0] // (end - start), -1, -1, -1, -1), e
 
         def controlnet(key, start, end):
             x, e = inputs(key, start, end)
@@ -870,13 +881,6 @@ class DiffutoonPipeline(
         if context_length > limit:
             raise ValueError(f"context_length {context_length} exceeds the motion modules' positional limit of {limit} "
                              f"frames: use context_length <= {limit}.")
-        for name, value in (("prompt", prompt), ("negative_prompt", negative_prompt)):
-            if value is not None and not isinstance(value, str) and not (
-                    isinstance(value, (list, tuple)) and len(value) == 1 and isinstance(value[0], str)):
-                raise ValueError(f"`{name}` must be a string or a list of one string (one video per call), got "
-                                 f"{type(value).__name__} of length {len(value) if hasattr(value, '__len__') else '?'}.")
-        if prompt is None:
-            raise ValueError("`prompt` is required: e.g. 'best quality, perfect anime illustration'.")
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
         unknown = set(callback_on_step_end_tensor_inputs or []) - set(self._callback_tensor_inputs)
@@ -971,6 +975,9 @@ class DiffutoonPipeline(
         fps: float | None = None,
         progress_callback: Callable[[dict], None] | None = None,
         distributed: bool | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        long_prompt: str = "chunks",
     ):
         r"""Render `video` in the toon style.
 
@@ -979,8 +986,11 @@ class DiffutoonPipeline(
                 (N, 3, H, W), uint8 or floats in [0, 1] (a [0, 255] float video is refused: divide by 255); or a
                 video file (path, or a `diffutoon.video.VideoClip` selecting and resizing frames), decoded a range
                 of frames at a time.
-            prompt / negative_prompt: one string each. The reference's negative prompt is the textual inversion
-                `verybadimagenegative_v1.3` (load it with `load_textual_inversion`).
+            prompt / negative_prompt: one string each, or a dict {frame_index: prompt} (prompts over time, as
+                diffusers' AnimateDiff pipelines take them): each frame's text embedding is interpolated linearly
+                between the surrounding key frames (before the first key: the first; after the last: the last), and
+                every frame of every window is conditioned on its own. The reference's negative prompt is the textual
+                inversion `verybadimagenegative_v1.3` (load it with `load_textual_inversion`).
             height, width: output size (multiples of 8); defaults to the video's. Frames are centre-cropped and resized.
             num_inference_steps (10), guidance_scale (7.0): DDIM steps and CFG scale g of eq. 6.
             context_length (16), context_stride (8): the sliding windows of eq. 2 (window d, stride s).
@@ -1021,6 +1031,13 @@ class DiffutoonPipeline(
                 process: each runs a share of the windows of every step and of the per-frame work; rank 0 alone owns
                 `render_dir` and writes `output_path`, and gets the frames (the others get `frames=None`). False: each
                 process renders on its own; True: require a process group. See README "Several GPUs".
+            prompt_embeds / negative_prompt_embeds: text embeddings (1, L, D) instead of `prompt` / `negative_prompt`
+                (e.g. compel's weighted prompts), diffusers' SD rules: not both a prompt and its embeddings; both
+                given: the same shape (with `batch_cfg`). The editing branch uses `negative_prompt_embeds` too.
+            long_prompt ("chunks"): how a prompt of more than 75 tokens is encoded. "chunks" (A1111's way): each 75
+                tokens get their own BOS/EOS in a row of 77, the rows' encodings concatenated. "reference" (the
+                authors' code): BOS + all tokens + EOS padded to a multiple of 77 and split raw, so later rows start
+                without BOS. "truncate": the first 75 tokens (diffusers' SD pipelines). Both passes.
 
         Setting `pipe._interrupt = True` (from a callback or another thread) stops at the next window. With
         `render_dir`, the call then returns `frames=None, interrupted=True` and the folder resumes it later;
@@ -1040,13 +1057,16 @@ class DiffutoonPipeline(
         # 1. Check inputs before any model runs
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs  # diffusers' callback objects
+        if self.scheduler is None:  # e.g. saved and reloaded with optional components None: None is the reference DDIM
+            self.scheduler = DiffutoonDDIMScheduler()
         self.check_inputs(source, prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
                           context_length, context_stride, controlnet_conditioning_scale, conditioning_frames, strength,
                           output_type, callback_on_step_end_tensor_inputs, latents, clip_skip, decode_chunk_size)
+        check_text_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, long_prompt, len(source),
+                          DEFAULT_PROMPT, self.unet.config.cross_attention_dim, guidance_scale > 1, batch_cfg)
         edit_settings = self._check_edit(source, edit_prompt, color_video, edit_kwargs)
         fps = self._check_output(output_path, fps, source)
-        prompt = prompt if isinstance(prompt, str) else prompt[0]
-        negative_prompt = "" if negative_prompt is None else negative_prompt if isinstance(negative_prompt, str) else negative_prompt[0]
+        prompt, negative_prompt = text_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
         kinds = self.config.controlnet_conditions.split(",")
         self._interrupt = False
         self._guidance_scale = guidance_scale
@@ -1057,6 +1077,7 @@ class DiffutoonPipeline(
             # 3. The editing branch (optional): a prompt-edited, deflickered colour video for the tile ControlNet
             if edit_prompt is not None:
                 edit_settings.setdefault("cross_attention_kwargs", cross_attention_kwargs)  # LoRA scales: both passes
+                edit_settings["long_prompt"] = (edit_kwargs or {}).get("long_prompt", long_prompt)
                 color_video = self._edit_pass(run, source, edit_prompt, negative_prompt, generator, **edit_settings)
                 if color_video is None:
                     return self._interrupted(run, return_dict)
@@ -1068,13 +1089,13 @@ class DiffutoonPipeline(
                                                          {"lineart": lineart_detector}, colors=color_video)
 
             # 5. Text embeddings (the negative one only with guidance) and the windows
-            prompt_embeds, negative_prompt_embeds = self._encode_pair(prompt, negative_prompt, clip_skip,
-                                                                      guidance_scale > 1, batch_cfg,
-                                                                      (cross_attention_kwargs or {}).get("scale"))
-            cond = DiffutoonConditions(prompt_embeds, negative_prompt_embeds, control_frames,
+            text = self._encode_pair(prompt, negative_prompt, clip_skip, guidance_scale > 1, batch_cfg,
+                                     (cross_attention_kwargs or {}).get("scale"), long_prompt)
+            cond = DiffutoonConditions(text.prompt_embeds, text.negative_prompt_embeds, control_frames,
                                        _per_net(controlnet_conditioning_scale, len(kinds)),
                                        sliding_windows(len(source), context_length, context_stride), guidance_scale,
-                                       batch_cfg, cross_attention_kwargs, reuse=reuse_across_windows, group=run.group)
+                                       batch_cfg, cross_attention_kwargs, reuse=reuse_across_windows, group=run.group,
+                                       prompt_frames=text.prompt_frames, negative_prompt_frames=text.negative_prompt_frames)
 
             # 6. Timesteps
             timesteps = self._timesteps(self.scheduler, num_inference_steps, strength, self._execution_device)
@@ -1108,24 +1129,21 @@ class DiffutoonPipeline(
         self.maybe_free_model_hooks()
         return DiffutoonPipelineOutput(frames=None, interrupted=True) if return_dict else (None, None)
 
-    def _encode_pair(self, prompt: str, negative_prompt: str, clip_skip, do_cfg: bool, batch_cfg: bool = True,
-                     lora_scale: float | None = None):
-        """Host embeddings of the prompt and (with guidance) the negative prompt, padded to one length if batched.
+    def _encode_pair(self, prompt, negative_prompt, clip_skip, do_cfg: bool, batch_cfg: bool = True,
+                     lora_scale: float | None = None, long_prompt: str = "chunks") -> TextEmbeds:
+        """Host embeddings of the prompt and (with guidance) the negative prompt, padded to one length if batched;
+        each a string, a dict {frame: prompt} (prompts over time) or given embeddings (diffutoon/prompts.py).
         `lora_scale` (cross_attention_kwargs["scale"]) scales the text encoder's LoRA, as diffusers' SD pipelines do."""
         device = self._execution_device
         scaled = lora_scale is not None and USE_PEFT_BACKEND
         if scaled:
             scale_lora_layers(self.text_encoder, lora_scale)
         try:
-            prompt_embeds = self.encode_prompt(prompt, device, clip_skip).cpu()
-            negative_prompt_embeds = self.encode_prompt(negative_prompt, device, clip_skip).cpu() if do_cfg else None
-            if do_cfg and batch_cfg and prompt_embeds.shape[1] != negative_prompt_embeds.shape[1]:
-                empty = self.encode_prompt("", device, clip_skip).cpu()
-                prompt_embeds, negative_prompt_embeds = _pad_chunks(prompt_embeds, negative_prompt_embeds, empty)
+            encode = lambda text, mode: self.encode_prompt(text, device, clip_skip, mode).cpu()  # noqa: E731
+            return encode_pair(encode, prompt, negative_prompt, long_prompt, do_cfg, batch_cfg)
         finally:
             if scaled:
                 unscale_lora_layers(self.text_encoder, lora_scale)
-        return prompt_embeds, negative_prompt_embeds
 
     def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name=None, **kwargs):
         """diffusers' `load_lora_weights`, with each kohya module's own alpha kept (diffusers 0.42.1 keeps only the
@@ -1380,6 +1398,7 @@ class DiffutoonPipeline(
         scheduler=None,
         cross_attention_kwargs: dict | None = None,
         reuse_across_windows: bool = True,
+        long_prompt: str = "chunks",
     ) -> np.ndarray:
         """The editing branch: the edited colour video, uint8 (N, height, width, 3), SPEC 2's defaults.
 
@@ -1395,6 +1414,7 @@ class DiffutoonPipeline(
             scheduler: defaults to the reference DDIM with scaled-linear betas.
             cross_attention_kwargs: as in `__call__` (e.g. {"scale": 0.7} scales LoRAs, text encoder included).
             reuse_across_windows: as in `__call__`: the ControlNets run once per frame and step.
+            negative_prompt, long_prompt: as in `__call__` (`negative_prompt` may also be embeddings (1, L, D)).
         """
         settings = dict(locals())
         source = _as_source(settings.pop("video"))
@@ -1409,7 +1429,7 @@ class DiffutoonPipeline(
     def _edit_pass(self, run, source, edit_prompt, negative_prompt, generator, height, width, num_inference_steps,
                    guidance_scale, strength, context_length, context_stride, controlnet_conditioning_scale, clip_skip,
                    conditioning_frames, detectors, cross_frame_mode, fastblend, decode_chunk_size, scheduler,
-                   cross_attention_kwargs, reuse_across_windows):
+                   cross_attention_kwargs, reuse_across_windows, long_prompt="chunks"):
         """The editing branch's colour video as a frame array (N, height, width, 3) of `run` (stages done before a
         crash are kept), or None if interrupted. `make_color_video` documents the settings."""
         cross_frame_attention = _import("attention_processors", "The editing branch").cross_frame_attention
@@ -1427,14 +1447,14 @@ class DiffutoonPipeline(
         frames = _VideoSource(frames)
         control_frames = self.prepare_control_frames(run, frames, conditioning_frames, kinds, height, width, detectors,
                                                      branch="edit")
-        prompt_embeds, negative_prompt_embeds = self._encode_pair(edit_prompt, negative_prompt, clip_skip,
-                                                                  guidance_scale > 1, True,
-                                                                  (cross_attention_kwargs or {}).get("scale"))
-        cond = DiffutoonConditions(prompt_embeds, negative_prompt_embeds, control_frames,
+        text = self._encode_pair(edit_prompt, negative_prompt, clip_skip, guidance_scale > 1, True,
+                                 (cross_attention_kwargs or {}).get("scale"), long_prompt)
+        cond = DiffutoonConditions(text.prompt_embeds, text.negative_prompt_embeds, control_frames,
                                    _per_net(controlnet_conditioning_scale, len(kinds)),
                                    sliding_windows(n, context_length, context_stride), guidance_scale,
                                    cross_attention_kwargs=cross_attention_kwargs, branch="edit",
-                                   reuse=reuse_across_windows, group=run.group)
+                                   reuse=reuse_across_windows, group=run.group, prompt_frames=text.prompt_frames,
+                                   negative_prompt_frames=text.negative_prompt_frames)
         timesteps = self._timesteps(scheduler, num_inference_steps, strength, self._execution_device)
         # ONE noise sample for every frame (SPEC 2), the img2img start at the first timestep
         latents, first_step = self._initial_latents(run, "edit", scheduler, timesteps, frames, height, width, None,
@@ -1502,17 +1522,6 @@ def _fold_kohya_alphas(state_dict: dict) -> dict:
             out[f"{name}.lora_up.weight"] = (up.float() * (float(alpha) / rank)).to(up.dtype)
             out[key] = torch.tensor(float(rank), dtype=alpha.dtype)
     return out
-
-
-def _pad_chunks(a: torch.Tensor, b: torch.Tensor, empty: torch.Tensor):
-    """Give two chunked embeddings the same number of 77-token chunks by appending empty-prompt chunks."""
-    chunks = max(a.shape[1], b.shape[1]) // empty.shape[1]
-
-    def pad(x):
-        extra = chunks - x.shape[1] // empty.shape[1]
-        return torch.cat([x, empty.repeat(1, extra, 1)], dim=1) if extra else x
-
-    return pad(a), pad(b)
 
 
 DiffutoonPipeline.__call__.__doc__ = DiffutoonPipeline.__call__.__doc__.replace("Examples:\n", "Examples:\n" + EXAMPLE_DOC_STRING)
