@@ -96,8 +96,8 @@ def check_text_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_em
             check_schedule(value, name, num_frames)
         elif value is not None and not isinstance(value, str) and not (
                 isinstance(value, (list, tuple)) and len(value) == 1 and isinstance(value[0], (str, dict))):
-            raise ValueError(f"`{name}` must be a string, a dict {{frame_index: prompt}} or a list of one of them (one "
-                             f"video per call), got {type(value).__name__} of length "
+            raise ValueError(f"`{name}` must be one string, a dict {{frame_index: prompt}}, or a list of one of them "
+                             f"(one video per call), got {type(value).__name__} of length "
                              f"{len(value) if hasattr(value, '__len__') else '?'}.")
     for name, value in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
         if value is not None and (not isinstance(value, torch.Tensor) or value.ndim != 3 or value.shape[0] != 1
