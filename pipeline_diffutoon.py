@@ -28,14 +28,16 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, ControlNetModel, DiffusionPipeline, UNet2DConditionModel, UNetMotionModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.loaders import FromSingleFileMixin, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
+from diffusers import StableDiffusionPipeline
+from diffusers.loaders import (FromSingleFileMixin, IPAdapterMixin, StableDiffusionLoraLoaderMixin,
+                               TextualInversionLoaderMixin)
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D, MotionAdapter
 from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.utils import USE_PEFT_BACKEND, BaseOutput, logging, scale_lora_layers, unscale_lora_layers
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 logger = logging.get_logger(__name__)
 
@@ -85,6 +87,9 @@ try:  # the installed package: one class, whatever loaded this file (saved pipel
     TextEmbeds, check_text_inputs, encode_pair, frame_embeds, text_inputs, token_rows = _import_names(
         "diffutoon.prompts", "TextEmbeds", "check_text_inputs", "encode_pair", "frame_embeds", "text_inputs",
         "token_rows")
+    check_style, memory_efficient_kept, style_embeds, style_identity, window_image_embeds = _import_names(
+        "diffutoon.style", "check_style", "memory_efficient_kept", "style_embeds", "style_identity",
+        "window_image_embeds")
 except ImportError:
     if not __package__:
         raise
@@ -99,6 +104,8 @@ except ImportError:
                                         open_shared_run, process_group, process_rank)
     from .diffutoon.prompts import (TextEmbeds, check_text_inputs, encode_pair, frame_embeds,  # noqa: F401
                                     text_inputs, token_rows)
+    from .diffutoon.style import (check_style, memory_efficient_kept, style_embeds, style_identity,  # noqa: F401
+                                  window_image_embeds)
 # <<< main-pass modules <<<
 
 DEFAULT_PROMPT = "best quality, perfect anime illustration, light"  # SPEC's example adds its subject: "a girl is dancing, smile, solo"
@@ -407,6 +414,7 @@ class DiffutoonConditions:
     group: Any = None  # diffutoon.distributed.Group: the windows split over processes (issue 12)
     prompt_frames: tuple | None = None  # prompts over time: the key frames of prompt_embeds (K, L, D); None: (1, L, D)
     negative_prompt_frames: tuple | None = None
+    image_embeds: list | None = None  # a style image's embeddings per IP-Adapter, (2, ...) negative + positive, host
 
     @property
     def do_classifier_free_guidance(self) -> bool:
@@ -434,6 +442,7 @@ class DiffutoonPipeline(
     TextualInversionLoaderMixin,
     StableDiffusionLoraLoaderMixin,
     FromSingleFileMixin,
+    IPAdapterMixin,
 ):
     r"""Diffutoon's toon shading of a whole video: SD1.5 UNet + AnimateDiff motion modules + ControlNets
     (lineart for outlines, tile for colour), denoised with sliding windows over the whole video.
@@ -451,10 +460,13 @@ class DiffutoonPipeline(
         controlnet_conditions (`str`, defaults to `"lineart,tile"`): what each ControlNet is conditioned on when
             `conditioning_frames` does not say: `"lineart"` (controlnet-aux LineartDetector on the video) or
             `"tile"` (the video itself).
+        image_encoder ([`CLIPVisionModelWithProjection`], *optional*), feature_extractor ([`CLIPImageProcessor`],
+            *optional*): a style image's encoder and preprocessing, set by `load_ip_adapter` (diffusers' IP-Adapter).
     """
 
-    model_cpu_offload_seq = "text_encoder->unet->vae"
-    _optional_components = ["motion_adapter", "edit_controlnet", "scheduler"]  # scheduler: None = the reference DDIM
+    model_cpu_offload_seq = "text_encoder->image_encoder->unet->vae"
+    # scheduler: None = the reference DDIM; image_encoder, feature_extractor: a style image (IP-Adapter)
+    _optional_components = ["motion_adapter", "edit_controlnet", "scheduler", "image_encoder", "feature_extractor"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
     def __init__(
@@ -469,6 +481,8 @@ class DiffutoonPipeline(
         edit_controlnet: ControlNetModel | list[ControlNetModel] | MultiControlNetModel | None = None,
         controlnet_conditions: str = "lineart,tile",
         edit_controlnet_conditions: str = "softedge,depth",
+        image_encoder: CLIPVisionModelWithProjection | None = None,
+        feature_extractor: CLIPImageProcessor | None = None,
     ):
         super().__init__()
         if isinstance(unet, UNet2DConditionModel):
@@ -483,7 +497,8 @@ class DiffutoonPipeline(
             edit_controlnet = MultiControlNetModel(list(edit_controlnet))
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                               controlnet=controlnet, scheduler=scheduler, motion_adapter=None,
-                              edit_controlnet=edit_controlnet)
+                              edit_controlnet=edit_controlnet, image_encoder=image_encoder,
+                              feature_extractor=feature_extractor)
         self.register_to_config(controlnet_conditions=controlnet_conditions,
                                 edit_controlnet_conditions=edit_controlnet_conditions)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if getattr(self, "vae", None) else 8
@@ -546,6 +561,7 @@ class DiffutoonPipeline(
         self.disable_memory_efficient_attention()
         self._memory_efficient_snapshot = processors.enable_memory_efficient_attention(self, backend=backend,
                                                                                        chunk_size=chunk_size)
+        self._memory_efficient_settings = (backend, chunk_size)  # kept across load_ip_adapter (diffutoon/style.py)
 
     def disable_memory_efficient_attention(self):
         """Put back exactly the attention processors that were there before `enable_memory_efficient_attention`."""
@@ -553,6 +569,23 @@ class DiffutoonPipeline(
         if snapshot is not None:
             _import("attention_processors", "disable_memory_efficient_attention").restore_attn_processors(self, snapshot)
             self._memory_efficient_snapshot = None
+
+    # ------------------------------------------------------------------------------------------------------------
+    # A style image (diffusers' IP-Adapter, diffutoon/style.py)
+
+    encode_image = StableDiffusionPipeline.encode_image
+    prepare_ip_adapter_image_embeds = StableDiffusionPipeline.prepare_ip_adapter_image_embeds
+
+    def load_ip_adapter(self, *args, **kwargs):
+        """diffusers' `load_ip_adapter` (e.g. `("h94/IP-Adapter", subfolder="models", weight_name="ip-adapter_sd15.bin")`);
+        memory-efficient attention, if on, stays on with its settings on the other layers."""
+        with memory_efficient_kept(self):
+            super().load_ip_adapter(*args, **kwargs)
+
+    def unload_ip_adapter(self):
+        """diffusers' `unload_ip_adapter`; memory-efficient attention, if on, stays on with its settings."""
+        with memory_efficient_kept(self):
+            super().unload_ip_adapter()
 
     # ------------------------------------------------------------------------------------------------------------
     # Text
@@ -708,7 +741,9 @@ class DiffutoonPipeline(
             prefix = reuse.unet_prefix(self.unet, key, b, start, end)
         with prefix:
             return self.unet(latents, t, encoder_hidden_states=embeds, cross_attention_kwargs=cond.cross_attention_kwargs,
-                             down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+                             down_block_additional_residuals=down, mid_block_additional_residual=mid,
+                             added_cond_kwargs=window_image_embeds(cond.image_embeds, key, latents.device,
+                                                                   self.unet.dtype)).sample
 
     def _window_reuse(self, latents, t, cond: DiffutoonConditions) -> WindowReuse:
         """The caches of one step's per-frame work (diffutoon/reuse.py), fed from the full-length latents."""
@@ -725,7 +760,8 @@ class DiffutoonPipeline(
         def prefix(key, start, end):
             x, e = inputs(key, start, end)
             return compute_prefix(self.unet, x, t, encoder_hidden_states=e,
-                                  cross_attention_kwargs=cond.cross_attention_kwargs)
+                                  cross_attention_kwargs=cond.cross_attention_kwargs,
+                                  added_cond_kwargs=window_image_embeds(cond.image_embeds, key, x.device, x.dtype))
 
         # the editing branch's first transformer attends across frames: only its ControlNets are per frame
         window_independent_prefix = cond.cross_frame is None and has_prefix(self.unet)
@@ -978,6 +1014,8 @@ class DiffutoonPipeline(
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
         long_prompt: str = "chunks",
+        ip_adapter_image=None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
     ):
         r"""Render `video` in the toon style.
 
@@ -1038,6 +1076,10 @@ class DiffutoonPipeline(
                 tokens get their own BOS/EOS in a row of 77, the rows' encodings concatenated. "reference" (the
                 authors' code): BOS + all tokens + EOS padded to a multiple of 77 and split raw, so later rows start
                 without BOS. "truncate": the first 75 tokens (diffusers' SD pipelines). Both passes.
+            ip_adapter_image / ip_adapter_image_embeds: a style image (one per loaded IP-Adapter) or its embeddings
+                (diffusers' layout: a list, one tensor per IP-Adapter, negative and positive stacked with guidance),
+                after `load_ip_adapter`; `set_ip_adapter_scale` sets its weight (per block too). Encoded once, used
+                by every window of both passes (the editing branch too).
 
         Setting `pipe._interrupt = True` (from a callback or another thread) stops at the next window. With
         `render_dir`, the call then returns `frames=None, interrupted=True` and the folder resumes it later;
@@ -1064,6 +1106,7 @@ class DiffutoonPipeline(
                           output_type, callback_on_step_end_tensor_inputs, latents, clip_skip, decode_chunk_size)
         check_text_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, long_prompt, len(source),
                           DEFAULT_PROMPT, self.unet.config.cross_attention_dim, guidance_scale > 1, batch_cfg)
+        check_style(self, ip_adapter_image, ip_adapter_image_embeds, guidance_scale > 1)
         edit_settings = self._check_edit(source, edit_prompt, color_video, edit_kwargs)
         fps = self._check_output(output_path, fps, source)
         prompt, negative_prompt = text_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
@@ -1074,8 +1117,11 @@ class DiffutoonPipeline(
         # 2. The render's state: in host memory, or a render folder that survives a crash (and resumes this render)
         run = self._open_render(render_dir, fresh, progress_callback, arguments, source, height, width, edit_settings)
         with run:  # on success the folder goes (unless kept); on an error or an interrupt it stays, resumable
-            # 3. The editing branch (optional): a prompt-edited, deflickered colour video for the tile ControlNet
+            # 3. The editing branch (optional): a prompt-edited, deflickered colour video for the tile ControlNet;
+            # a style image is encoded once for both passes
+            image_embeds = style_embeds(self, ip_adapter_image, ip_adapter_image_embeds, self._execution_device)
             if edit_prompt is not None:
+                edit_settings["ip_adapter_image_embeds"] = image_embeds
                 edit_settings.setdefault("cross_attention_kwargs", cross_attention_kwargs)  # LoRA scales: both passes
                 edit_settings["long_prompt"] = (edit_kwargs or {}).get("long_prompt", long_prompt)
                 color_video = self._edit_pass(run, source, edit_prompt, negative_prompt, generator, **edit_settings)
@@ -1095,7 +1141,8 @@ class DiffutoonPipeline(
                                        _per_net(controlnet_conditioning_scale, len(kinds)),
                                        sliding_windows(len(source), context_length, context_stride), guidance_scale,
                                        batch_cfg, cross_attention_kwargs, reuse=reuse_across_windows, group=run.group,
-                                       prompt_frames=text.prompt_frames, negative_prompt_frames=text.negative_prompt_frames)
+                                       prompt_frames=text.prompt_frames, negative_prompt_frames=text.negative_prompt_frames,
+                                       image_embeds=image_embeds)
 
             # 6. Timesteps
             timesteps = self._timesteps(self.scheduler, num_inference_steps, strength, self._execution_device)
@@ -1194,6 +1241,7 @@ class DiffutoonPipeline(
                    "keep_render_dir", "output_path", "fps", "progress_callback", "edit_kwargs", "distributed")
         settings = {k: setting_identity(v) for k, v in arguments.items() if k not in ignored}
         settings["edit"] = {k: setting_identity(v) for k, v in edit_settings.items()}
+        settings["style"] = style_identity(self, arguments["ip_adapter_image"], arguments["ip_adapter_image_embeds"])
         settings["scheduler"] = [type(self.scheduler).__name__,
                                  setting_identity({k: v for k, v in self.scheduler.config.items() if k[0] != "_"})]
         settings["pipeline"] = {"controlnet_conditions": self.config.controlnet_conditions,
@@ -1399,6 +1447,8 @@ class DiffutoonPipeline(
         cross_attention_kwargs: dict | None = None,
         reuse_across_windows: bool = True,
         long_prompt: str = "chunks",
+        ip_adapter_image=None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
     ) -> np.ndarray:
         """The editing branch: the edited colour video, uint8 (N, height, width, 3), SPEC 2's defaults.
 
@@ -1415,6 +1465,7 @@ class DiffutoonPipeline(
             cross_attention_kwargs: as in `__call__` (e.g. {"scale": 0.7} scales LoRAs, text encoder included).
             reuse_across_windows: as in `__call__`: the ControlNets run once per frame and step.
             negative_prompt, long_prompt: as in `__call__` (`negative_prompt` may also be embeddings (1, L, D)).
+            ip_adapter_image, ip_adapter_image_embeds: a style image, as in `__call__`.
         """
         settings = dict(locals())
         source = _as_source(settings.pop("video"))
@@ -1422,6 +1473,7 @@ class DiffutoonPipeline(
         self._check_edit_settings(source, height, width, num_inference_steps, strength, context_length, context_stride,
                                   conditioning_frames, controlnet_conditioning_scale, guidance_scale, clip_skip,
                                   decode_chunk_size, fastblend)
+        check_style(self, ip_adapter_image, ip_adapter_image_embeds, guidance_scale > 1)
         self._interrupt = False
         colors = self._edit_pass(InMemoryRender(), source, **settings)
         return None if colors is None else colors.array
@@ -1429,7 +1481,8 @@ class DiffutoonPipeline(
     def _edit_pass(self, run, source, edit_prompt, negative_prompt, generator, height, width, num_inference_steps,
                    guidance_scale, strength, context_length, context_stride, controlnet_conditioning_scale, clip_skip,
                    conditioning_frames, detectors, cross_frame_mode, fastblend, decode_chunk_size, scheduler,
-                   cross_attention_kwargs, reuse_across_windows, long_prompt="chunks"):
+                   cross_attention_kwargs, reuse_across_windows, long_prompt="chunks", ip_adapter_image=None,
+                   ip_adapter_image_embeds=None):
         """The editing branch's colour video as a frame array (N, height, width, 3) of `run` (stages done before a
         crash are kept), or None if interrupted. `make_color_video` documents the settings."""
         cross_frame_attention = _import("attention_processors", "The editing branch").cross_frame_attention
@@ -1454,7 +1507,9 @@ class DiffutoonPipeline(
                                    sliding_windows(n, context_length, context_stride), guidance_scale,
                                    cross_attention_kwargs=cross_attention_kwargs, branch="edit",
                                    reuse=reuse_across_windows, group=run.group, prompt_frames=text.prompt_frames,
-                                   negative_prompt_frames=text.negative_prompt_frames)
+                                   negative_prompt_frames=text.negative_prompt_frames,
+                                   image_embeds=style_embeds(self, ip_adapter_image, ip_adapter_image_embeds,
+                                                             self._execution_device))
         timesteps = self._timesteps(scheduler, num_inference_steps, strength, self._execution_device)
         # ONE noise sample for every frame (SPEC 2), the img2img start at the first timestep
         latents, first_step = self._initial_latents(run, "edit", scheduler, timesteps, frames, height, width, None,
