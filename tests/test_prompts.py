@@ -217,3 +217,22 @@ def test_two_processes_render_a_schedule_as_one(tiny_pipe, renders, tmp_path):
     results, errors, codes = spawn(2, tmp_path, _two_processes, tiny_pipe, SCHEDULE)
     assert not errors and codes == [0, 0]
     assert torch.equal(results[0], renders["schedule"]) and torch.equal(results[1], renders["schedule"])
+
+
+def test_cli_prompt_at_maps_input_positions_onto_rendered_frames(capfd, tmp_path):
+    from diffutoon import cli
+
+    def schedule(*argv, indices=range(10, 40, 3), fps=6.0):
+        args = cli.build_parser().parse_args(["render", "in.mp4", "--prompt", "day", *argv])
+        return cli._prompt_schedule(args, indices, fps)
+
+    assert schedule() == "day"  # no --prompt-at: the plain prompt, as before
+    # frames 10, 13, ..., 37 rendered (--start 10 --every-nth 3); 2.5s = frame 15 -> rendered frame 2 (source 16)
+    assert schedule("--prompt-at", "22=dusk", "--prompt-at", "2.5s=night, stars") == {0: "day", 4: "dusk", 2: "night, stars"}
+    assert schedule("--prompt-at", "10=dawn") == {0: "dawn"}  # at the first rendered frame: replaces --prompt
+    with pytest.raises(cli.CLIError, match=r"--prompt-at 40: outside the rendered frames 10..37"):
+        schedule("--prompt-at", "40=x")
+    with pytest.raises(cli.CLIError, match="no frame rate"):
+        schedule("--prompt-at", "1s=x", fps=None)
+    assert cli.main(["render", "in.mp4", "--prompt-at", "night"]) == 2
+    assert "expected POSITION=PROMPT" in capfd.readouterr().err

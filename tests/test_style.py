@@ -175,3 +175,30 @@ def test_memory_efficient_and_cross_frame_processors_coexist_with_the_ip_adapter
     assert len(encoded) == 1  # once for both passes
     assert {CrossFrameAttnProcessor.__name__, "IPAdapterAttnProcessor2_0"} <= seen[0][1]  # the editing branch first
     assert all(torch.equal(embeds, seen[0][0]) for embeds, _ in seen)
+
+
+def test_cli_style_image_loads_the_ip_adapter_and_reaches_the_pipeline(ip_files, tmp_path, capfd):
+    from diffutoon import cli
+    from diffutoon.style import DEFAULT_IP_ADAPTER, ip_adapter_source
+
+    STYLE.save(tmp_path / "style.png")
+    weights = ip_files[1]["ip-adapter_sd15.safetensors"]
+    args = cli.build_parser().parse_args(["render", "in.mp4", "--style-image", str(tmp_path / "style.png"),
+                                          "--style-scale", "0.3", "--ip-adapter", str(weights)])
+    pipe = build_tiny_pipeline()
+    cli._import_style().load_style_adapter(pipe, args)  # the CLI's one call at model loading
+    assert [p.scale for p in pipe.unet.attn_processors.values() if hasattr(p, "to_k_ip")] == [[0.3]] * 6
+    seen = {}
+
+    class Pipe:
+        def __call__(self, **kwargs):
+            seen.update(kwargs)
+
+    cli._run_pipeline(args, Pipe(), np.zeros((2, 8, 8, 3), np.uint8), None)
+    assert np.array_equal(np.asarray(seen["ip_adapter_image"]), np.asarray(STYLE))
+    assert ip_adapter_source(None) == DEFAULT_IP_ADAPTER == ("h94/IP-Adapter", "models", "ip-adapter_sd15.bin")
+    assert ip_adapter_source("h94/IP-Adapter/models/ip-adapter-plus_sd15.bin") == (
+        "h94/IP-Adapter", "models", "ip-adapter-plus_sd15.bin")
+    (tmp_path / "bad.png").write_text("not an image")
+    assert cli.main(["render", "in.mp4", "--style-image", str(tmp_path / "bad.png")]) == 2
+    assert "cannot read" in capfd.readouterr().err
