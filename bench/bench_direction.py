@@ -2,7 +2,7 @@
 
 1. Seconds per denoising step, same run, alternating: the plain render, with a prompt schedule (3 keys), with a style
    image (the tiny IP-Adapter in the real file layout, diffutoon.tiny.save_tiny_ip_adapter). Tiny architectures at the
-   width of bench_pipeline.py (channels 64/128, CLIP width 64), 128x128 frames, N = 16, windows 16/8... of 8/4.
+   width of bench_pipeline.py (channels 64/128, CLIP width 64), 128x128 frames, N = 16, windows of 8 (stride 4).
 2. FLOPs at full SD1.5 size on the meta device (bench_flops.py's models): one UNet window of 16 frames with and
    without the SD1.5 IP-Adapter's processors (h94/IP-Adapter ip-adapter_sd15: 4 image tokens of width 768 from a
    1024-d CLIP ViT-H/14 embedding), and the image encoder's one call.
@@ -61,11 +61,12 @@ def timing(frames, size, steps, repeats):
             pipe.load_ip_adapter(folder, subfolder="models", weight_name="ip-adapter_sd15.safetensors")
             times["style image (IP-Adapter)"].append(step_seconds(pipe, video, steps, ip_adapter_image=style))
             pipe.unload_ip_adapter()
-    base = statistics.median(times["plain"])
+    # the fastest of the interleaved repeats: on a shared machine the slow ones measure the neighbours
+    base = min(times["plain"])
     print(f"\n{frames} frames of {size}x{size}, tiny models (64/128 channels), {steps} steps, {repeats} repeats, "
-          f"torch threads 2\n\n| render | s/step (median) | ratio to plain |\n|---|---|---|")
+          f"torch threads 2\n\n| render | s/step (fastest repeat) | all repeats | ratio to plain |\n|---|---|---|---|")
     for name, values in times.items():
-        print(f"| {name} | {statistics.median(values):.3f} | {statistics.median(values) / base:.3f}x |")
+        print(f"| {name} | {min(values):.3f} | {', '.join(f'{v:.2f}' for v in values)} | {min(values) / base:.3f}x |")
 
 
 def sd15_ip_adapter_state(unet, device="meta"):

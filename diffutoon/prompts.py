@@ -11,6 +11,7 @@ Only torch is imported here: the module ships beside the pipeline file.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -72,7 +73,7 @@ def check_schedule(value, name: str, num_frames: int) -> None:
     if not value:
         raise ValueError(f"`{name}` is an empty dict: give at least one {{frame_index: prompt}}, e.g. {{0: 'a girl'}}.")
     for frame, text in value.items():
-        if isinstance(frame, bool) or not isinstance(frame, int) or not 0 <= frame < num_frames:
+        if isinstance(frame, bool) or not isinstance(frame, numbers.Integral) or not 0 <= frame < num_frames:
             raise ValueError(f"`{name}` has the key {frame!r}: keys are frame indices 0..{num_frames - 1} of the "
                              f"video ({num_frames} frames).")
         if not isinstance(text, str):
@@ -138,8 +139,8 @@ def encode_text(encode, value, long_prompt: str):
     if isinstance(value, torch.Tensor):
         return value.detach().cpu(), None
     if isinstance(value, dict):
-        frames = tuple(sorted(value))
-        parts = [encode(value[k], long_prompt) for k in frames]
+        frames = tuple(sorted(int(k) for k in value))
+        parts = [encode(value[k], long_prompt) for k in sorted(value)]
         return pad_rows(parts, lambda: encode("", long_prompt)), frames
     return encode(value, long_prompt), None
 
