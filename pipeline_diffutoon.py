@@ -33,14 +33,16 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, ControlNetModel, DiffusionPipeline, UNet2DConditionModel, UNetMotionModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.loaders import FromSingleFileMixin, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
+from diffusers import StableDiffusionPipeline
+from diffusers.loaders import (FromSingleFileMixin, IPAdapterMixin, StableDiffusionLoraLoaderMixin,
+                               TextualInversionLoaderMixin)
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D, MotionAdapter
 from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.utils import USE_PEFT_BACKEND, BaseOutput, logging, scale_lora_layers, unscale_lora_layers
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 logger = logging.get_logger(__name__)
 
@@ -92,6 +94,12 @@ try:  # the installed package: one class, whatever loaded this file (saved pipel
     fast_settings, load_lcm_lora, load_motion_adapter, model_input, scheduler_step = _import_names(
         "diffutoon.fast", "fast_settings", "load_lcm_lora", "load_motion_adapter", "model_input", "scheduler_step")
     Previewer, ddim_x0 = _import_names("diffutoon.previews", "Previewer", "ddim_x0")
+    TextEmbeds, check_text_inputs, encode_pair, frame_embeds, text_inputs, token_rows = _import_names(
+        "diffutoon.prompts", "TextEmbeds", "check_text_inputs", "encode_pair", "frame_embeds", "text_inputs",
+        "token_rows")
+    check_style, memory_efficient_kept, style_embeds, style_identity, window_image_embeds = _import_names(
+        "diffutoon.style", "check_style", "memory_efficient_kept", "style_embeds", "style_identity",
+        "window_image_embeds")
 except ImportError:
     if not __package__:
         raise
@@ -108,6 +116,10 @@ except ImportError:
     from .diffutoon.fast import (fast_settings, load_lcm_lora, load_motion_adapter, model_input,  # noqa: F401
                                  scheduler_step)
     from .diffutoon.previews import Previewer, ddim_x0  # noqa: F401
+    from .diffutoon.prompts import (TextEmbeds, check_text_inputs, encode_pair, frame_embeds,  # noqa: F401
+                                    text_inputs, token_rows)
+    from .diffutoon.style import (check_style, memory_efficient_kept, style_embeds, style_identity,  # noqa: F401
+                                  window_image_embeds)
 # <<< main-pass modules <<<
 
 DEFAULT_PROMPT = "best quality, perfect anime illustration, light"  # SPEC's example adds its subject: "a girl is dancing, smile, solo"
@@ -448,6 +460,9 @@ class DiffutoonConditions:
     cross_frame: Any = None  # the editing branch's `attention_processors.CrossFrameState`, told each window's length
     reuse: bool = True  # compute what no window changes once per step and branch (issue 11)
     group: Any = None  # diffutoon.distributed.Group: the windows split over processes (issue 12)
+    prompt_frames: tuple | None = None  # prompts over time: the key frames of prompt_embeds (K, L, D); None: (1, L, D)
+    negative_prompt_frames: tuple | None = None
+    image_embeds: list | None = None  # a style image's embeddings per IP-Adapter, (2, ...) negative + positive, host
 
     @property
     def do_classifier_free_guidance(self) -> bool:
@@ -476,6 +491,7 @@ class DiffutoonPipeline(
     TextualInversionLoaderMixin,
     StableDiffusionLoraLoaderMixin,
     FromSingleFileMixin,
+    IPAdapterMixin,
 ):
     r"""Diffutoon's toon shading of a whole video: SD1.5 UNet + AnimateDiff motion modules + ControlNets
     (lineart for outlines, tile for colour), denoised with sliding windows over the whole video.
@@ -493,10 +509,13 @@ class DiffutoonPipeline(
         controlnet_conditions (`str`, defaults to `"lineart,tile"`): what each ControlNet is conditioned on when
             `conditioning_frames` does not say: `"lineart"` (controlnet-aux LineartDetector on the video) or
             `"tile"` (the video itself).
+        image_encoder ([`CLIPVisionModelWithProjection`], *optional*), feature_extractor ([`CLIPImageProcessor`],
+            *optional*): a style image's encoder and preprocessing, set by `load_ip_adapter` (diffusers' IP-Adapter).
     """
 
-    model_cpu_offload_seq = "text_encoder->unet->vae"
-    _optional_components = ["motion_adapter", "edit_controlnet", "scheduler"]  # scheduler: None = the reference DDIM
+    model_cpu_offload_seq = "text_encoder->image_encoder->unet->vae"
+    # scheduler: None = the reference DDIM; image_encoder, feature_extractor: a style image (IP-Adapter)
+    _optional_components = ["motion_adapter", "edit_controlnet", "scheduler", "image_encoder", "feature_extractor"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
     def __init__(
@@ -512,6 +531,8 @@ class DiffutoonPipeline(
         controlnet_conditions: str = "lineart,tile",
         edit_controlnet_conditions: str = "softedge,depth",
         motion_adapter_kind: str | None = None,
+        image_encoder: CLIPVisionModelWithProjection | None = None,
+        feature_extractor: CLIPImageProcessor | None = None,
     ):
         super().__init__()
         if isinstance(unet, UNet2DConditionModel):
@@ -526,7 +547,8 @@ class DiffutoonPipeline(
             edit_controlnet = MultiControlNetModel(list(edit_controlnet))
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                               controlnet=controlnet, scheduler=scheduler, motion_adapter=None,
-                              edit_controlnet=edit_controlnet)
+                              edit_controlnet=edit_controlnet, image_encoder=image_encoder,
+                              feature_extractor=feature_extractor)
         self.register_to_config(controlnet_conditions=controlnet_conditions,
                                 edit_controlnet_conditions=edit_controlnet_conditions,
                                 motion_adapter_kind=motion_adapter_kind)  # "lightning-4", "animatelcm": fast.py
@@ -595,6 +617,7 @@ class DiffutoonPipeline(
         self.disable_memory_efficient_attention()
         self._memory_efficient_snapshot = processors.enable_memory_efficient_attention(self, backend=backend,
                                                                                        chunk_size=chunk_size)
+        self._memory_efficient_settings = (backend, chunk_size)  # kept across load_ip_adapter (diffutoon/style.py)
 
     def disable_memory_efficient_attention(self):
         """Put back exactly the attention processors that were there before `enable_memory_efficient_attention`."""
@@ -649,23 +672,38 @@ class DiffutoonPipeline(
         return plan
 
     # ------------------------------------------------------------------------------------------------------------
+    # A style image (diffusers' IP-Adapter, diffutoon/style.py)
+
+    encode_image = StableDiffusionPipeline.encode_image
+    prepare_ip_adapter_image_embeds = StableDiffusionPipeline.prepare_ip_adapter_image_embeds
+
+    def load_ip_adapter(self, *args, **kwargs):
+        """diffusers' `load_ip_adapter` (e.g. `("h94/IP-Adapter", subfolder="models", weight_name="ip-adapter_sd15.bin")`);
+        memory-efficient attention, if on, stays on with its settings on the other layers."""
+        with memory_efficient_kept(self):
+            super().load_ip_adapter(*args, **kwargs)
+
+    def unload_ip_adapter(self):
+        """diffusers' `unload_ip_adapter`; memory-efficient attention, if on, stays on with its settings."""
+        with memory_efficient_kept(self):
+            super().unload_ip_adapter()
+
+    # ------------------------------------------------------------------------------------------------------------
     # Text
 
-    def encode_prompt(self, prompt: str, device: torch.device, clip_skip: int | None = None) -> torch.Tensor:
+    def encode_prompt(self, prompt: str, device: torch.device, clip_skip: int | None = None,
+                      long_prompt: str = "chunks") -> torch.Tensor:
         """CLIP text embedding (1, 77 k, D) of one prompt, with textual-inversion keywords expanded.
 
         `clip_skip=1` takes the penultimate layer, followed by the final layer norm (A1111 "clip skip 2").
-        Prompts longer than 77 tokens are split into 77-token chunks whose encodings are concatenated, as
-        the reference does.
+        A prompt of more than 75 tokens becomes k rows of 77 tokens, encoded each on its own and concatenated:
+        `long_prompt="chunks"` (default, A1111's way) gives every 75 tokens their own BOS/EOS; "reference" (the
+        authors' code) pads BOS + tokens + EOS to a multiple of 77 and splits it raw; "truncate" keeps the first 75
+        tokens (diffusers' SD pipelines). See `diffutoon.prompts.token_rows`.
         """
         prompt = self.maybe_convert_prompt(prompt, self.tokenizer)
         ids = self.tokenizer(prompt, truncation=False, add_special_tokens=False).input_ids
-        per_chunk = self.tokenizer.model_max_length - 2
-        chunks = [ids[i : i + per_chunk] for i in range(0, max(len(ids), 1), per_chunk)] or [[]]
-        bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
-        rows = [[bos, *chunk, eos] + [pad] * (per_chunk - len(chunk)) for chunk in chunks]
-        input_ids = torch.tensor(rows, device=device)
+        input_ids = torch.tensor(token_rows(self.tokenizer, ids, long_prompt), device=device)
         text_model = getattr(self.text_encoder, "text_model", self.text_encoder)  # transformers < 5.6 wraps it
         if clip_skip:
             hidden = self.text_encoder(input_ids, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
@@ -753,14 +791,13 @@ class DiffutoonPipeline(
         """The whole denoiser on frames [start, end): ControlNets + UNet + motion modules, CFG included (eq. 3, 6).
         `latents` is the window (1, C, F, h, w) on the execution device; returns the guided prediction."""
         if not cond.do_classifier_free_guidance:
-            return self._branch_noise_pred(latents, t, cond.prompt_embeds, cond, start, end, reuse, "single")
+            return self._branch_noise_pred(latents, t, cond, start, end, reuse, "single")
         if cond.batch_cfg:
-            both = torch.cat([cond.negative_prompt_embeds, cond.prompt_embeds])
-            noise_neg, noise_pos = self._branch_noise_pred(latents.expand(2, -1, -1, -1, -1), t, both, cond, start, end,
+            noise_neg, noise_pos = self._branch_noise_pred(latents.expand(2, -1, -1, -1, -1), t, cond, start, end,
                                                            reuse, "cfg").chunk(2)
         else:
-            noise_neg = self._branch_noise_pred(latents, t, cond.negative_prompt_embeds, cond, start, end, reuse, "neg")
-            noise_pos = self._branch_noise_pred(latents, t, cond.prompt_embeds, cond, start, end, reuse, "pos")
+            noise_neg = self._branch_noise_pred(latents, t, cond, start, end, reuse, "neg")
+            noise_pos = self._branch_noise_pred(latents, t, cond, start, end, reuse, "pos")
         return classifier_free_guidance(noise_neg, noise_pos, cond.guidance_scale)
 
     def _controlnet_residuals(self, latents, t, embeds, cond: DiffutoonConditions, start: int, end: int):
@@ -780,11 +817,21 @@ class DiffutoonPipeline(
             mid = m if mid is None else mid.add_(m)
         return down, mid
 
-    def _branch_noise_pred(self, latents, t, embeds, cond, start, end, reuse=None, key="single"):
+    @staticmethod
+    def _frame_embeds(cond: DiffutoonConditions, key: str, start: int, end: int) -> torch.Tensor:
+        """The text embeddings (B F, L, D), branch-major, of frames [start, end) for the CFG branch group `key`
+        ("cfg": negative then positive, "neg", "pos", "single"): each frame its own (prompts over time)."""
+        positive = frame_embeds(cond.prompt_embeds, cond.prompt_frames, start, end)
+        if key in ("single", "pos"):
+            return positive
+        negative = frame_embeds(cond.negative_prompt_embeds, cond.negative_prompt_frames, start, end)
+        return negative if key == "neg" else torch.cat([negative, positive])
+
+    def _branch_noise_pred(self, latents, t, cond, start, end, reuse=None, key="single"):
         """One UNet call on a batch of B windows (B = CFG branches); the ControlNet residuals and the UNet's first
         layers come from `reuse` when given (computed once per frame and step), else are computed here."""
         b, f = latents.shape[0], latents.shape[2]
-        embeds = embeds.to(latents.device, self.unet.dtype).repeat_interleave(f, dim=0)  # (B F, L, D): branch-major
+        embeds = self._frame_embeds(cond, key, start, end).to(latents.device, self.unet.dtype)  # (B F, L, D)
         if cond.cross_frame is not None:
             cond.cross_frame.num_frames = f  # joint attention within each branch's f frames
         if reuse is None:
@@ -795,17 +842,16 @@ class DiffutoonPipeline(
             prefix = reuse.unet_prefix(self.unet, key, b, start, end)
         with prefix:
             return self.unet(latents, t, encoder_hidden_states=embeds, cross_attention_kwargs=cond.cross_attention_kwargs,
-                             down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+                             down_block_additional_residuals=down, mid_block_additional_residual=mid,
+                             added_cond_kwargs=window_image_embeds(cond.image_embeds, key, latents.device,
+                                                                   self.unet.dtype)).sample
 
     def _window_reuse(self, latents, t, cond: DiffutoonConditions) -> WindowReuse:
         """The caches of one step's per-frame work (diffutoon/reuse.py), fed from the full-length latents."""
-        both = torch.cat([cond.negative_prompt_embeds, cond.prompt_embeds]) if cond.do_classifier_free_guidance else None
-        embeds = {"single": cond.prompt_embeds, "pos": cond.prompt_embeds, "neg": cond.negative_prompt_embeds, "cfg": both}
-
         def inputs(key, start, end):
             x = self._latent_window(latents, start, end)
-            e = embeds[key].to(x.device, self.unet.dtype)
-            return x.expand(e.shape[0], -1, -1, -1, -1), e.repeat_interleave(end - start, dim=0)
+            e = self._frame_embeds(cond, key, start, end).to(x.device, self.unet.dtype)  # (B F, L, D)
+            return x.expand(e.shape[0] // (end - start), -1, -1, -1, -1), e
 
         def controlnet(key, start, end):
             x, e = inputs(key, start, end)
@@ -815,7 +861,8 @@ class DiffutoonPipeline(
         def prefix(key, start, end):
             x, e = inputs(key, start, end)
             return compute_prefix(self.unet, x, t, encoder_hidden_states=e,
-                                  cross_attention_kwargs=cond.cross_attention_kwargs)
+                                  cross_attention_kwargs=cond.cross_attention_kwargs,
+                                  added_cond_kwargs=window_image_embeds(cond.image_embeds, key, x.device, x.dtype))
 
         # the editing branch's first transformer attends across frames: only its ControlNets are per frame
         window_independent_prefix = cond.cross_frame is None and has_prefix(self.unet)
@@ -981,13 +1028,6 @@ class DiffutoonPipeline(
         if context_length > limit:
             raise ValueError(f"context_length {context_length} exceeds the motion modules' positional limit of {limit} "
                              f"frames: use context_length <= {limit}.")
-        for name, value in (("prompt", prompt), ("negative_prompt", negative_prompt)):
-            if value is not None and not isinstance(value, str) and not (
-                    isinstance(value, (list, tuple)) and len(value) == 1 and isinstance(value[0], str)):
-                raise ValueError(f"`{name}` must be a string or a list of one string (one video per call), got "
-                                 f"{type(value).__name__} of length {len(value) if hasattr(value, '__len__') else '?'}.")
-        if prompt is None:
-            raise ValueError("`prompt` is required: e.g. 'best quality, perfect anime illustration'.")
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
         unknown = set(callback_on_step_end_tensor_inputs or []) - set(self._callback_tensor_inputs)
@@ -1092,6 +1132,11 @@ class DiffutoonPipeline(
         keyframes: dict | None = None,
         keyframe_kwargs: dict | None = None,
         scene_cuts: str | list[int] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        long_prompt: str = "chunks",
+        ip_adapter_image=None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
     ):
         r"""Render `video` in the toon style.
 
@@ -1100,8 +1145,11 @@ class DiffutoonPipeline(
                 (N, 3, H, W), uint8 or floats in [0, 1] (a [0, 255] float video is refused: divide by 255); or a
                 video file (path, or a `diffutoon.video.VideoClip` selecting and resizing frames), decoded a range
                 of frames at a time.
-            prompt / negative_prompt: one string each. The reference's negative prompt is the textual inversion
-                `verybadimagenegative_v1.3` (load it with `load_textual_inversion`).
+            prompt / negative_prompt: one string each, or a dict {frame_index: prompt} (prompts over time, as
+                diffusers' AnimateDiff pipelines take them): each frame's text embedding is interpolated linearly
+                between the surrounding key frames (before the first key: the first; after the last: the last), and
+                every frame of every window is conditioned on its own. The reference's negative prompt is the textual
+                inversion `verybadimagenegative_v1.3` (load it with `load_textual_inversion`).
             height, width: output size (multiples of 8); defaults to the video's. Frames are centre-cropped and resized.
             num_inference_steps (10), guidance_scale (7.0): DDIM steps and CFG scale g of eq. 6.
             context_length (16), context_stride (8): the sliding windows of eq. 2 (window d, stride s).
@@ -1170,6 +1218,17 @@ class DiffutoonPipeline(
                 or a list of frame indices, each the first frame of a new shot: every shot is rendered on its own (no
                 sliding window spans a cut; FastBlend of the editing branch and of the keyframes runs per shot). The
                 cuts used are reported as `progress["scene_cuts"]`. None: one shot (no detection).
+            prompt_embeds / negative_prompt_embeds: text embeddings (1, L, D) instead of `prompt` / `negative_prompt`
+                (e.g. compel's weighted prompts), diffusers' SD rules: not both a prompt and its embeddings; both
+                given: the same shape (with `batch_cfg`). The editing branch uses `negative_prompt_embeds` too.
+            long_prompt ("chunks"): how a prompt of more than 75 tokens is encoded. "chunks" (A1111's way): each 75
+                tokens get their own BOS/EOS in a row of 77, the rows' encodings concatenated. "reference" (the
+                authors' code): BOS + all tokens + EOS padded to a multiple of 77 and split raw, so later rows start
+                without BOS. "truncate": the first 75 tokens (diffusers' SD pipelines). Both passes.
+            ip_adapter_image / ip_adapter_image_embeds: a style image (one per loaded IP-Adapter) or its embeddings
+                (diffusers' layout: a list, one tensor per IP-Adapter, negative and positive stacked with guidance),
+                after `load_ip_adapter`; `set_ip_adapter_scale` sets its weight (per block too). Encoded once, used
+                by every window of both passes (the editing branch too).
 
         Setting `pipe._interrupt = True` (from a callback or another thread) stops at the next window. With
         `render_dir`, the call then returns `frames=None, interrupted=True` and the folder resumes it later;
@@ -1194,15 +1253,19 @@ class DiffutoonPipeline(
         # 1. Check inputs before any model runs
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs  # diffusers' callback objects
+        if self.scheduler is None:  # e.g. saved and reloaded with optional components None: None is the reference DDIM
+            self.scheduler = DiffutoonDDIMScheduler()
         self.check_inputs(source, prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
                           context_length, context_stride, controlnet_conditioning_scale, conditioning_frames, strength,
                           output_type, callback_on_step_end_tensor_inputs, latents, clip_skip, decode_chunk_size)
+        check_text_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, long_prompt, len(source),
+                          DEFAULT_PROMPT, self.unet.config.cross_attention_dim, guidance_scale > 1, batch_cfg)
+        check_style(self, ip_adapter_image, ip_adapter_image_embeds, guidance_scale > 1)
         edit_settings = self._check_edit(source, edit_prompt, color_video, edit_kwargs)
         fps = self._check_output(output_path, fps, source, overwrite)
         plan = self._call_plan(memory_plan, memory_budget, height, width, context_length, batch_cfg, guidance_scale,
                                decode_chunk_size, reuse_across_windows, strength, motion_groupnorm, edit_settings)
-        prompt = prompt if isinstance(prompt, str) else prompt[0]
-        negative_prompt = "" if negative_prompt is None else negative_prompt if isinstance(negative_prompt, str) else negative_prompt[0]
+        prompt, negative_prompt = text_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
         kinds = self.config.controlnet_conditions.split(",")
         if keyframes is not None:  # painted keyframes: checked and resized now, their pixels in the render's identity
             keyframes, keyframe_kwargs = self._check_keyframes(source, keyframes, keyframe_kwargs, height, width,
@@ -1223,9 +1286,13 @@ class DiffutoonPipeline(
                 run.report(memory_plan=str(plan))
             if scene_cuts is not None:
                 run.report(scene_cuts=scene_cuts)
-            # 3. The editing branch (optional): a prompt-edited, deflickered colour video for the tile ControlNet
+            # 3. The editing branch (optional): a prompt-edited, deflickered colour video for the tile ControlNet;
+            # a style image is encoded once for both passes
+            image_embeds = style_embeds(self, ip_adapter_image, ip_adapter_image_embeds, self._execution_device)
             if edit_prompt is not None:
+                edit_settings["ip_adapter_image_embeds"] = image_embeds
                 edit_settings.setdefault("cross_attention_kwargs", cross_attention_kwargs)  # LoRA scales: both passes
+                edit_settings["long_prompt"] = (edit_kwargs or {}).get("long_prompt", long_prompt)
                 color_video = self._edit_pass(run, source, edit_prompt, negative_prompt, generator, **edit_settings)
                 if color_video is None:
                     return self._interrupted(run, return_dict)
@@ -1241,16 +1308,16 @@ class DiffutoonPipeline(
                                                          {"lineart": lineart_detector}, colors=color_video)
 
             # 5. Text embeddings (the negative one only with guidance) and the windows
-            prompt_embeds, negative_prompt_embeds = self._encode_pair(prompt, negative_prompt, clip_skip,
-                                                                      guidance_scale > 1, batch_cfg,
-                                                                      (cross_attention_kwargs or {}).get("scale"))
-            cond = DiffutoonConditions(prompt_embeds, negative_prompt_embeds, control_frames,
+            text = self._encode_pair(prompt, negative_prompt, clip_skip, guidance_scale > 1, batch_cfg,
+                                     (cross_attention_kwargs or {}).get("scale"), long_prompt)
+            cond = DiffutoonConditions(text.prompt_embeds, text.negative_prompt_embeds, control_frames,
                                        _per_net(controlnet_conditioning_scale, len(kinds)),
                                        shot_windows(len(source), context_length, context_stride, scene_cuts),
                                        guidance_scale, batch_cfg and (plan is None or plan.batch_cfg),
                                        cross_attention_kwargs,
                                        reuse=reuse_across_windows and (plan is None or plan.reuse_across_windows),
-                                       group=run.group)
+                                       group=run.group, prompt_frames=text.prompt_frames,
+                                       negative_prompt_frames=text.negative_prompt_frames, image_embeds=image_embeds)
 
             # 6. Timesteps
             timesteps = self._timesteps(scheduler, num_inference_steps, strength, self._execution_device)
@@ -1289,24 +1356,21 @@ class DiffutoonPipeline(
         self.maybe_free_model_hooks()
         return DiffutoonPipelineOutput(frames=None, interrupted=True) if return_dict else (None, None)
 
-    def _encode_pair(self, prompt: str, negative_prompt: str, clip_skip, do_cfg: bool, batch_cfg: bool = True,
-                     lora_scale: float | None = None):
-        """Host embeddings of the prompt and (with guidance) the negative prompt, padded to one length if batched.
+    def _encode_pair(self, prompt, negative_prompt, clip_skip, do_cfg: bool, batch_cfg: bool = True,
+                     lora_scale: float | None = None, long_prompt: str = "chunks") -> TextEmbeds:
+        """Host embeddings of the prompt and (with guidance) the negative prompt, padded to one length if batched;
+        each a string, a dict {frame: prompt} (prompts over time) or given embeddings (diffutoon/prompts.py).
         `lora_scale` (cross_attention_kwargs["scale"]) scales the text encoder's LoRA, as diffusers' SD pipelines do."""
         device = self._execution_device
         scaled = lora_scale is not None and USE_PEFT_BACKEND
         if scaled:
             scale_lora_layers(self.text_encoder, lora_scale)
         try:
-            prompt_embeds = self.encode_prompt(prompt, device, clip_skip).cpu()
-            negative_prompt_embeds = self.encode_prompt(negative_prompt, device, clip_skip).cpu() if do_cfg else None
-            if do_cfg and batch_cfg and prompt_embeds.shape[1] != negative_prompt_embeds.shape[1]:
-                empty = self.encode_prompt("", device, clip_skip).cpu()
-                prompt_embeds, negative_prompt_embeds = _pad_chunks(prompt_embeds, negative_prompt_embeds, empty)
+            encode = lambda text, mode: self.encode_prompt(text, device, clip_skip, mode).cpu()  # noqa: E731
+            return encode_pair(encode, prompt, negative_prompt, long_prompt, do_cfg, batch_cfg)
         finally:
             if scaled:
                 unscale_lora_layers(self.text_encoder, lora_scale)
-        return prompt_embeds, negative_prompt_embeds
 
     def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name=None, **kwargs):
         """diffusers' `load_lora_weights`, with each kohya module's own alpha kept (diffusers 0.42.1 keeps only the
@@ -1360,6 +1424,7 @@ class DiffutoonPipeline(
                    "preview_vae")  # operational: they do not change the frames
         settings = {k: setting_identity(v) for k, v in arguments.items() if k not in ignored}
         settings["edit"] = {k: setting_identity(v) for k, v in edit_settings.items() if k not in ignored}
+        settings["style"] = style_identity(self, arguments["ip_adapter_image"], arguments["ip_adapter_image_embeds"])
         settings["scheduler"] = [type(self.scheduler).__name__,
                                  setting_identity({k: v for k, v in self.scheduler.config.items() if k[0] != "_"})]
         settings["pipeline"] = {"controlnet_conditions": self.config.controlnet_conditions,
@@ -1645,6 +1710,9 @@ class DiffutoonPipeline(
         cross_attention_kwargs: dict | None = None,
         reuse_across_windows: bool = True,
         scene_cuts: str | list[int] | None = None,
+        long_prompt: str = "chunks",
+        ip_adapter_image=None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
     ) -> np.ndarray:
         """The editing branch: the edited colour video, uint8 (N, height, width, 3), SPEC 2's defaults.
 
@@ -1661,6 +1729,8 @@ class DiffutoonPipeline(
             cross_attention_kwargs: as in `__call__` (e.g. {"scale": 0.7} scales LoRAs, text encoder included).
             reuse_across_windows: as in `__call__`: the ControlNets run once per frame and step.
             scene_cuts: as in `__call__`: windows and FastBlend per shot.
+            negative_prompt, long_prompt: as in `__call__` (`negative_prompt` may also be embeddings (1, L, D)).
+            ip_adapter_image, ip_adapter_image_embeds: a style image, as in `__call__`.
         """
         settings = dict(locals())
         source = _as_source(settings.pop("video"))
@@ -1668,6 +1738,7 @@ class DiffutoonPipeline(
         self._check_edit_settings(source, height, width, num_inference_steps, strength, context_length, context_stride,
                                   conditioning_frames, controlnet_conditioning_scale, guidance_scale, clip_skip,
                                   decode_chunk_size, fastblend)
+        check_style(self, ip_adapter_image, ip_adapter_image_embeds, guidance_scale > 1)
         self._interrupt = False
         settings["scene_cuts"] = _scene_cuts(scene_cuts, source, "scene_cuts")
         colors = self._edit_pass(InMemoryRender(), source, **settings)
@@ -1676,7 +1747,8 @@ class DiffutoonPipeline(
     def _edit_pass(self, run, source, edit_prompt, negative_prompt, generator, height, width, num_inference_steps,
                    guidance_scale, strength, context_length, context_stride, controlnet_conditioning_scale, clip_skip,
                    conditioning_frames, detectors, cross_frame_mode, fastblend, decode_chunk_size, scheduler,
-                   cross_attention_kwargs, reuse_across_windows, scene_cuts=None):
+                   cross_attention_kwargs, reuse_across_windows, scene_cuts=None, long_prompt="chunks",
+                   ip_adapter_image=None, ip_adapter_image_embeds=None):
         """The editing branch's colour video as a frame array (N, height, width, 3) of `run` (stages done before a
         crash are kept), or None if interrupted. `make_color_video` documents the settings."""
         cross_frame_attention = _import("attention_processors", "The editing branch").cross_frame_attention
@@ -1694,14 +1766,16 @@ class DiffutoonPipeline(
         frames = _VideoSource(frames)
         control_frames = self.prepare_control_frames(run, frames, conditioning_frames, kinds, height, width, detectors,
                                                      branch="edit")
-        prompt_embeds, negative_prompt_embeds = self._encode_pair(edit_prompt, negative_prompt, clip_skip,
-                                                                  guidance_scale > 1, True,
-                                                                  (cross_attention_kwargs or {}).get("scale"))
-        cond = DiffutoonConditions(prompt_embeds, negative_prompt_embeds, control_frames,
+        text = self._encode_pair(edit_prompt, negative_prompt, clip_skip, guidance_scale > 1, True,
+                                 (cross_attention_kwargs or {}).get("scale"), long_prompt)
+        cond = DiffutoonConditions(text.prompt_embeds, text.negative_prompt_embeds, control_frames,
                                    _per_net(controlnet_conditioning_scale, len(kinds)),
                                    shot_windows(n, context_length, context_stride, scene_cuts), guidance_scale,
                                    cross_attention_kwargs=cross_attention_kwargs, branch="edit",
-                                   reuse=reuse_across_windows, group=run.group)
+                                   reuse=reuse_across_windows, group=run.group, prompt_frames=text.prompt_frames,
+                                   negative_prompt_frames=text.negative_prompt_frames,
+                                   image_embeds=style_embeds(self, ip_adapter_image, ip_adapter_image_embeds,
+                                                             self._execution_device))
         timesteps = self._timesteps(scheduler, num_inference_steps, strength, self._execution_device)
         # ONE noise sample for every frame (SPEC 2), the img2img start at the first timestep
         latents, first_step = self._initial_latents(run, "edit", scheduler, timesteps, frames, height, width, None,
@@ -1794,17 +1868,6 @@ def _fold_kohya_alphas(state_dict: dict) -> dict:
             out[f"{name}.lora_up.weight"] = (up.float() * (float(alpha) / rank)).to(up.dtype)
             out[key] = torch.tensor(float(rank), dtype=alpha.dtype)
     return out
-
-
-def _pad_chunks(a: torch.Tensor, b: torch.Tensor, empty: torch.Tensor):
-    """Give two chunked embeddings the same number of 77-token chunks by appending empty-prompt chunks."""
-    chunks = max(a.shape[1], b.shape[1]) // empty.shape[1]
-
-    def pad(x):
-        extra = chunks - x.shape[1] // empty.shape[1]
-        return torch.cat([x, empty.repeat(1, extra, 1)], dim=1) if extra else x
-
-    return pad(a), pad(b)
 
 
 DiffutoonPipeline.__call__.__doc__ = DiffutoonPipeline.__call__.__doc__.replace("Examples:\n", "Examples:\n" + EXAMPLE_DOC_STRING)

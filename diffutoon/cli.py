@@ -13,6 +13,7 @@ and exit with status 2; `--debug` shows the traceback instead.
 """
 
 import argparse
+import bisect
 import contextlib
 import inspect
 import math
@@ -94,7 +95,61 @@ def _frame(position, fps):
     return int(round(value * fps)) if unit == "s" else value
 
 
+def _timed_prompt(text):
+    """POSITION=PROMPT of --prompt-at: a frame number or seconds (4.5s) of the input video, and the prompt there."""
+    position, sep, prompt = text.partition("=")
+    if not sep or not prompt.strip():
+        raise argparse.ArgumentTypeError(f"expected POSITION=PROMPT, e.g. 96=\"a girl dancing, night\" or "
+                                         f"4.5s=\"...\", got {text!r}")
+    return _position(position.strip()), prompt
+
+
+def _image_file(text):
+    """A readable image file (checked now, before any model loads)."""
+    import PIL.Image
+
+    try:
+        with PIL.Image.open(text) as image:
+            image.verify()
+    except (OSError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"cannot read {text} as an image ({type(e).__name__}: {e})")
+    return Path(text)
+
+
+def _prompt_schedule(args, indices, fps):
+    """--prompt, with --prompt-at, as the pipeline's prompt: {rendered frame: prompt}. Positions are frames or seconds
+    of the input video (as --start/--end), each moved to the first rendered frame at or after it."""
+    if not getattr(args, "prompt_at", None):
+        return args.prompt
+    indices, schedule = list(indices), {0: args.prompt}
+    for position, prompt in args.prompt_at:
+        if position[0] == "s" and not fps:
+            raise CLIError(f"--prompt-at {position[1]:g}s: this input has no frame rate, give a frame number")
+        frame = _frame(position, fps)
+        if not indices[0] <= frame <= indices[-1]:
+            raise CLIError(f"--prompt-at {frame}: outside the rendered frames {indices[0]}..{indices[-1]} of the input "
+                           "(--start/--end); use --prompt for the prompt at the start")
+        schedule[bisect.bisect_left(indices, frame)] = prompt
+    return schedule
+
+
 # ---------------------------------------------------------------------------------------------- the parser
+def _direction():
+    direction = _Parser(add_help=False)
+    g = direction.add_argument_group("directing the look (README \"Prompts over time\", \"A style image\")")
+    g.add_argument("--prompt-at", type=_timed_prompt, action="append", default=[], metavar="POSITION=PROMPT",
+                   help="the prompt from this frame or time (4.5s) of the input on, blended linearly from the one "
+                   "before (repeatable; --prompt is the prompt at the start)")
+    g.add_argument("--long-prompt", choices=("chunks", "reference", "truncate"), default="chunks",
+                   help="prompts over 75 tokens: 75-token chunks with their own BOS/EOS (default), the authors' raw "
+                   "split of the padded sequence, or truncated")
+    g.add_argument("--style-image", type=_image_file, help="a style image (IP-Adapter)")
+    g.add_argument("--style-scale", type=_number(float, 0), default=0.6, help="its weight (default %(default)s)")
+    g.add_argument("--ip-adapter", help="IP-Adapter weights: a Hub id holding models/ip-adapter_sd15.bin (default "
+                   "h94/IP-Adapter), owner/repo/path/file.bin, or a local file with image_encoder/ beside it")
+    return direction
+
+
 def _common():
     common = _Parser(add_help=False)
     common.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -305,8 +360,8 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True, metavar="{render,deflicker,demo,ui}",
                                 parser_class=_Parser)
 
-    p = sub.add_parser("render", parents=[_span(), _render_folder_options(), _generation(), _look(), _models(),
-                                            _fast(), _common(), _memory_options()],
+    p = sub.add_parser("render", parents=[_span(), _render_folder_options(), _generation(), _look(), _direction(),
+                                            _models(), _fast(), _common(), _memory_options()],
                        help="render a video in toon style",
                        description="Render a video in toon style (Diffutoon's main pass; with --edit-prompt the "
                        "editing branch runs first). Output: the source's fps, length and audio by default.")
@@ -489,19 +544,31 @@ def _import_pipeline():
     return pipeline_diffutoon
 
 
+def _import_style():
+    from . import style  # torch: imported once a render starts, not for --help
+
+    return style
+
+
 def _run_pipeline(args, pipe, clip, detector, edit_extra=None, **extra):
     """Map the options onto the pipeline's arguments and call it on `clip` (a `vio.VideoClip`, or uint8 frames);
     `extra` adds pipeline arguments (the render folder, the output path)."""
     import torch
 
-    kwargs = dict(video=clip, prompt=args.prompt, negative_prompt=args.negative_prompt,
+    style = _import_style()
+    reader = getattr(clip, "reader", None)  # a VideoClip: --prompt-at positions are its source's frames
+    prompt = _prompt_schedule(args, getattr(clip, "indices", range(len(clip))), reader.fps if reader else None)
+    kwargs = dict(video=clip, prompt=prompt, negative_prompt=args.negative_prompt,
                   height=clip.shape[1], width=clip.shape[2], num_inference_steps=args.steps,
                   guidance_scale=args.guidance_scale, context_length=args.context_length,
                   context_stride=args.context_stride,
                   controlnet_conditioning_scale=[args.lineart_scale, args.tile_scale],
                   clip_skip=args.clip_skip, strength=args.strength,
                   generator=torch.Generator("cpu").manual_seed(args.seed), output_type="pil",  # uint8 frames
-                  decode_chunk_size=args.decode_chunk_size, lineart_detector=detector, **extra)
+                  decode_chunk_size=args.decode_chunk_size, lineart_detector=detector, **style.style_arguments(args),
+                  **extra)
+    if getattr(args, "long_prompt", "chunks") != "chunks":
+        kwargs["long_prompt"] = args.long_prompt
     kwargs.update(getattr(args, "look", None) or {})  # --keyframe, --scene-cuts
     if args.edit_prompt:  # SPEC 2's editing branch, its own size / steps / strength
         kwargs["edit_prompt"] = args.edit_prompt
@@ -689,6 +756,7 @@ def _load_pipeline(args, device, dtype):
             with _naming("--textual-inversion", source, "a textual inversion"):
                 pipe.load_textual_inversion(repo, token=token, **({"weight_name": weight_name} if weight_name else {}))
         _load_loras(pipe, args.lora)
+        _import_style().load_style_adapter(pipe, args)  # --style-image: the IP-Adapter of --ip-adapter
         pipe.enable_memory_efficient_attention()  # exact; what lets 1536x1536 frames fit (paper 3.3)
         from controlnet_aux import LineartDetector
 
@@ -734,6 +802,7 @@ def cmd_render(args):
     reader, indices = _open_input(args)
     out = _output_path(args, f"{args.input.stem}-diffutoon.mp4")
     vio.check_room(out, vio.output_bytes(out, len(indices), *_check_sizes(args, reader)))  # before the work
+    _prompt_schedule(args, indices, reader.fps)  # a --prompt-at outside the frames fails before any model loads
     if args.edit_prompt:
         params = inspect.signature(_import_pipeline().DiffutoonPipeline.__call__).parameters
         if "edit_prompt" not in params:

@@ -120,3 +120,39 @@ def tiny_lineart_detector(seed: int = 0):
     torch.manual_seed(seed)
     # 1 residual block instead of 3: the same code path, a third of the CPU time
     return LineartDetector(Generator(3, 1, 1).eval(), Generator(3, 1, 1).eval())
+
+
+def save_tiny_ip_adapter(folder, unet, seed: int = 0, image_size: int = 32, projection_dim: int = 16,
+                         weight_name: str = "ip-adapter_sd15.safetensors"):
+    """An IP-Adapter for a tiny pipeline's UNet laid out as h94/IP-Adapter's SD1.5 one: folder/models/`weight_name`
+    (`image_proj.proj/norm.*`, `ip_adapter.{1,3,5...}.to_k_ip/to_v_ip.weight`, one pair per cross-attention layer in
+    the UNet's processor order; .safetensors flat, .bin the nested {"image_proj": ..., "ip_adapter": ...}) and a random
+    `CLIPVisionModelWithProjection` in folder/models/image_encoder. Load it with
+    `pipe.load_ip_adapter(folder, subfolder="models", weight_name=weight_name)`."""
+    from pathlib import Path
+
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    models = Path(folder) / "models"
+    torch.manual_seed(seed)
+    CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=image_size,
+        patch_size=8, projection_dim=projection_dim)).eval().save_pretrained(models / "image_encoder")
+    cross = unet.config.cross_attention_dim
+    image_proj = {"proj.weight": torch.randn(4 * cross, projection_dim) * 0.2, "proj.bias": torch.randn(4 * cross) * 0.1,
+                  "norm.weight": 1 + 0.1 * torch.randn(cross), "norm.bias": 0.1 * torch.randn(cross)}
+    layers = [name[: -len(".processor")] for name in unet.attn_processors
+              if name.endswith("attn2.processor") and "motion_modules" not in name]
+    ip_adapter = {}
+    for i, name in enumerate(layers):
+        hidden = unet.get_submodule(name).to_k.weight.shape[0]
+        for kind in ("to_k_ip", "to_v_ip"):
+            ip_adapter[f"{2 * i + 1}.{kind}.weight"] = torch.randn(hidden, cross) * 0.2
+    if weight_name.endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file({**{f"image_proj.{k}": v.contiguous() for k, v in image_proj.items()},
+                   **{f"ip_adapter.{k}": v.contiguous() for k, v in ip_adapter.items()}}, models / weight_name)
+    else:
+        torch.save({"image_proj": image_proj, "ip_adapter": ip_adapter}, models / weight_name)
+    return models / weight_name
