@@ -72,10 +72,11 @@ def _free_port():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """`diffutoon ui --demo-models` (its options parsed by the CLI, then `ui.serve`), on 127.0.0.1 only, with its
+    """`diffutoon ui --demo-models` (its options parsed by the CLI, then `webapp.page.serve`), on 127.0.0.1 only, with its
     own data folder; in this process, so that the models' libraries are imported once for the whole suite."""
     pytest.importorskip("gradio")
-    from diffutoon import cli, ui
+    from diffutoon import cli
+    from diffutoon.webapp import page as ui
 
     tmp = tmp_path_factory.mktemp("ui")
     port = _free_port()

@@ -6,7 +6,7 @@ pipeline's own progress and the condition frames as they are made, play and down
     diffutoon ui --base path/or/hub-id/of/an/sd15-anime-checkpoint --port 7860
     python app.py                                  # the same, as a Hugging Face Space runs it
 
-The engine (models, queue, jobs, progress) lives in `diffutoon.ui_jobs`, which does not need Gradio.
+The engine (models, queue, jobs, progress) lives beside it in `diffutoon.webapp`, without Gradio.
 """
 
 from __future__ import annotations
@@ -17,8 +17,13 @@ import os
 import sys
 from pathlib import Path
 
-from . import cli
-from . import ui_jobs as J
+from .. import cli
+from ..models import CLIError
+from .jobs import TERMINAL, VideoInfo
+from .loading import load_models
+from .manager import JobManager
+from .progress import status_html
+from .settings import Settings, UIError, _duration, default_limits
 
 GRADIO_MIN = "6.0"
 SESSION_KEY = "diffutoon-ui-session"
@@ -41,7 +46,7 @@ def _import_gradio():
     try:
         import gradio as gr
     except ImportError as e:
-        raise cli.CLIError(f"the web app needs Gradio ({e}): pip install 'diffutoon[ui]' "
+        raise CLIError(f"the web app needs Gradio ({e}): pip install 'diffutoon[ui]' "
                            f"(or pip install 'gradio>={GRADIO_MIN}')") from e
     return gr
 
@@ -64,7 +69,7 @@ def _banner(manager):
 
 def _limits_text(manager):
     lim = manager.limits
-    return (f"**Limits:** videos up to {lim.max_upload_mb:g} MB and {J._duration(lim.max_seconds)}; at most "
+    return (f"**Limits:** videos up to {lim.max_upload_mb:g} MB and {_duration(lim.max_seconds)}; at most "
             f"{lim.max_frames} frames per render (use Start, End and Every n-th frame to pick a part). Renders run "
             f"one at a time on each accelerator: others wait in line and see their place. Your uploads and results "
             f"are kept in a folder of this browser's session, visible only to you, for {manager.keep_days:g} days. "
@@ -95,7 +100,7 @@ def build_app(manager):
         with gr.Row():
             with gr.Column(scale=5):
                 upload = gr.File(label=f"Your video (mp4, mov, mkv, webm, avi...; up to "
-                                       f"{manager.limits.max_upload_mb:g} MB and {J._duration(manager.limits.max_seconds)})",
+                                       f"{manager.limits.max_upload_mb:g} MB and {_duration(manager.limits.max_seconds)})",
                                  type="filepath", elem_id="dt-video")
                 demo_clip = gr.Button("Use the demo clip (a photo with a moving camera, 2 s, with sound)",
                                       size="sm", elem_id="dt-demo-clip")
@@ -162,7 +167,7 @@ def build_app(manager):
                     resume = gr.Button("Resume", visible=False, elem_id="dt-resume")
             with gr.Column(scale=6):
                 message = gr.HTML("", elem_id="dt-message")
-                status = gr.HTML(J.status_html(None), elem_id="dt-status")
+                status = gr.HTML(status_html(None), elem_id="dt-status")
                 previews = gr.Gallery(label="Condition frames, as they are made (lineart, colour)", columns=4,
                                       rows=1, height=170, fit_columns=False, elem_id="dt-previews", format="png", interactive=False,
                                       object_fit="contain", preview=False)
@@ -183,7 +188,7 @@ def build_app(manager):
         def settings_from(values):
             (start_, end_, nth_, prompt_, negative_, edit_, edit_steps_, width_, height_, shape_, steps_, guidance_,
              cl_, cs_, lineart_, tile_, seed_, lora_scale_) = values
-            return J.Settings(start=start_ or 0, end=end_ or None, every_nth=nth_ if nth_ is not None else 1,
+            return Settings(start=start_ or 0, end=end_ or None, every_nth=nth_ if nth_ is not None else 1,
                               prompt=prompt_ or "", negative_prompt=negative_ or "", edit_prompt=edit_ or "",
                               edit_steps=edit_steps_, edit_size=d.edit_size, width=width_, height=height_,
                               shape=shape_, steps=steps_, guidance_scale=guidance_, context_length=cl_,
@@ -200,7 +205,7 @@ def build_app(manager):
                 return None, "", "", gr.skip()
             try:
                 vi = manager.inspect(path)
-            except J.UIError as e:
+            except UIError as e:
                 return None, "", _error_html(str(e)), gr.skip()
             new_end = None
             if vi.selection(start_, end_, nth_) > manager.limits.max_frames:  # preselect a part that fits
@@ -214,7 +219,7 @@ def build_app(manager):
         def _describe(meta, start_, end_, nth_):
             if not meta:
                 return ""
-            vi = J.VideoInfo(**meta)
+            vi = VideoInfo(**meta)
             n = vi.selection(start_, end_ if isinstance(end_, (int, float)) else None, nth_)
             fps = vi.fps / max(1, int(nth_ or 1))
             text = f"**{html.escape(vi.name)}**: {vi.describe().split(': ', 1)[1]}. Selected: **{n} frames** " \
@@ -233,21 +238,21 @@ def build_app(manager):
             tok = manager.check_token(tok)
             try:
                 job = manager.submit(tok, path, settings_from(values), lora_files or [], embedding_files or [])
-            except J.UIError as e:  # the job being watched (if any) stays the one Cancel acts on
+            except UIError as e:  # the job being watched (if any) stays the one Cancel acts on
                 return tok, gr.skip(), _error_html(str(e))
             return tok, job.id, ""
 
         def on_cancel(tok, jid):
             try:
                 manager.cancel(tok, jid)
-            except J.UIError as e:
+            except UIError as e:
                 return _error_html(str(e))
             return ""
 
         def on_resume(tok, jid):
             try:
                 job = manager.resume(tok, jid)
-            except J.UIError as e:
+            except UIError as e:
                 return jid, _error_html(str(e))
             return job.id, ""
 
@@ -255,7 +260,7 @@ def build_app(manager):
             """Follow a job until it ends: every change of its progress, place in line or previews."""
             try:
                 job = manager.job(tok, jid)
-            except J.UIError:
+            except UIError:
                 job = None
             if job is None:
                 yield (gr.skip(),) * len(watch_outputs)
@@ -265,7 +270,7 @@ def build_app(manager):
                 version = job.version
                 if version != seen:
                     seen = version
-                    terminal = job.status in J.TERMINAL
+                    terminal = job.status in TERMINAL
                     preview_update = gr.skip()
                     if job.preview_version != seen_previews:
                         seen_previews = job.preview_version
@@ -279,7 +284,7 @@ def build_app(manager):
                         video_update, download_update = None, gr.update(value=None, visible=False)
                     message_update = (_error_html(job.message) if job.status == "failed" else "") if terminal \
                         else gr.skip()
-                    yield (J.status_html(job, manager.place(job)), message_update, preview_update, video_update,
+                    yield (status_html(job, manager.place(job)), message_update, preview_update, video_update,
                            download_update, gr.update(interactive=terminal),
                            gr.update(interactive=job.status in ("queued", "running")),
                            gr.update(visible=job.status in ("cancelled", "failed")))
@@ -312,11 +317,11 @@ def serve(args, block=True):
     stop it with app.close() and manager.stop()."""
     _import_gradio()
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    models = J.load_models(args)
+    models = load_models(args)
     data_dir = Path(args.data_dir or os.environ.get("DIFFUTOON_UI_DATA")
                     or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "diffutoon" / "ui")
-    limits = J.default_limits(models.kind, models.accelerator, args)
-    manager = J.JobManager(models, data_dir, limits, keep_days=args.keep_days).start()
+    limits = default_limits(models.kind, models.accelerator, args)
+    manager = JobManager(models, data_dir, limits, keep_days=args.keep_days).start()
     app, launch_kwargs = build_app(manager)
     if models.is_demo:
         print(cli.DEMO_DISCLAIMER, file=sys.stderr)
