@@ -200,16 +200,23 @@ def test_size_length_and_frame_limits(models, clip, tmp_path):
     size = clip.stat().st_size
     with pytest.raises(UIError) as e:
         m.inspect(clip)
-    assert str(e.value) == (f"clip.mp4 is {size / 1024:.0f} kB; this app takes videos up to 0.01 MB: shorten or "
+    # the file's size in the limit's unit, and the limits as configured (not rounded to "0 s")
+    assert str(e.value) == (f"clip.mp4 is {size / 2**20:.3g} MB; this app takes videos up to 0.01 MB: shorten or "
                             "compress it first")
     m.limits = Limits(max_seconds=0.5)
-    with pytest.raises(UIError, match=r"^clip.mp4 is 1 s long; this app takes videos up to 0 s: cut it shorter"):
+    with pytest.raises(UIError, match=r"^clip.mp4 is 1 s long; this app takes videos up to 0.5 s: cut it shorter"):
         m.inspect(clip)
     m.limits = Limits(max_frames=4)
     token = m.new_token()
     with pytest.raises(UIError, match="the selected part has 8 frames; this app renders at most 4 frames"):
         m.submit(token, clip, small())
     m.submit(token, clip, small(every_nth=2))  # 4 frames: accepted (queued; no worker started here)
+    # every n-th frame keeps the length (each frame lasts n source frames): a large n that would stretch it is refused
+    m.limits = Limits()
+    with pytest.raises(UIError) as e:
+        m.submit(m.new_token(), clip, small(every_nth=6))
+    assert str(e.value) == ("Every n-th frame: 6 keeps 2 of the 8 selected frames, and the result would last 1.5 s "
+                            "instead of 1 s: use 4 or less, or select a longer part")
     m.stop()
 
 
@@ -569,7 +576,8 @@ def test_the_page_says_what_the_demo_models_are(manager):
     assert "coloured noise, not anime" in html[0] and manager.models.reason in html[0]
     # files: nothing served by its path; the data folder blocked; uploads capped
     assert launch["allowed_paths"] == [] and launch["blocked_paths"] == [str(manager.data_dir)]
-    assert launch["max_file_size"] == int(manager.limits.max_upload_mb * 2**20)
+    # Gradio's own cap (its toast, its units) only past twice the limit: up to there the app's message says it
+    assert launch["max_file_size"] == int(2 * manager.limits.max_upload_mb * 2**20)
     assert manager.secret not in str(app.get_config_file())  # session folders stay unguessable
     served = Path(manager.serve_copy(manager.demo_clip(), "demo-clip.mp4"))
     assert not served.is_relative_to(manager.data_dir) and served.name == "demo-clip.mp4"

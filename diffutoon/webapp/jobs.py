@@ -22,7 +22,7 @@ _JOB_ID = re.compile(r"\d{8}-\d{6}-[0-9a-f]{6}")
 
 # ---------------------------------------------------------------------------------------------- jobs
 _PERSISTED = ("id", "session", "input_name", "settings", "loras", "embeddings", "status", "created", "started",
-              "finished", "message", "output", "progress", "note", "resumable", "attempts")
+              "finished", "message", "output", "progress", "note", "resumable", "attempts", "estimate", "fraction")
 
 
 @dataclass
@@ -44,13 +44,16 @@ class Job:
     note: str = ""
     resumable: bool = False
     attempts: int = 0
+    estimate: float | None = None  # seconds the main pass was estimated to take here (the queue's time estimates)
+    fraction: float = 0.0  # the overall bar; kept, so that it never moves backwards on Resume
     # runtime only
     version: int = 0
     events: int = 0
-    fraction: float = 0.0
     cancel_requested: bool = False
     previews: dict = field(default_factory=dict)
     preview_version: int = 0
+    preview_files: dict = field(default_factory=dict)
+    live: dict = field(default_factory=dict)  # the pipeline's preview / memory plan / report (progress.LIVE_KEYS)  # name -> what was last written to previews/<name>.png
 
     @property
     def input_path(self):

@@ -19,6 +19,7 @@ import contextlib
 import copy
 import inspect
 import os
+import re
 import secrets
 import shutil
 import sys
@@ -34,8 +35,17 @@ from .. import cli
 from .. import video as vio
 from .jobs import _JOB_ID, _TOKEN, _WEIGHT_SUFFIXES, ACTIVE, TERMINAL, Job, VideoInfo, _link_or_copy
 from .loading import PipelineFeatures, _windows, pipeline_kwargs
-from .progress import COLOR_CAPTION, ProgressAdapter, _Cancelled
-from .settings import UIError, default_limits, one_line, open_input, page_defaults, parse_render_args, safe_name
+from .estimate import Estimator
+from .progress import COLOR_CAPTION, ProgressAdapter, _Cancelled, thumbnail
+from .settings import (UIError, _duration, default_limits, one_line, open_input, page_defaults, parse_render_args,
+                       safe_name)
+
+
+_UPLOAD_KEY = re.compile(r"u-[0-9a-f]{16}")
+
+
+class TooLong(UIError):
+    """A render estimated far beyond what this device does in reasonable time; pressing Render again confirms it."""
 
 class JobManager:
     """Jobs of every session: checks, queue, workers (one per accelerator), persistence and resumption."""
@@ -58,6 +68,8 @@ class JobManager:
         self._stopping = False
         self._serve_dir = Path(tempfile.mkdtemp(prefix="diffutoon-ui-serve-"))
         self._demo_lock = threading.Lock()
+        self.estimator = None  # estimate.Estimator of the first slot's pipeline, built at start
+        self._estimated = threading.Event()
         self.observers = []  # fn(job) after every progress event, in the worker's thread (logs, tests)
 
     @property
@@ -69,11 +81,29 @@ class JobManager:
     def start(self):
         self._prune()
         self.recover()
+        threading.Thread(target=self._build_estimator, name="diffutoon-estimate", daemon=True).start()
         for slot in self.models.slots:
             t = threading.Thread(target=self._worker, args=(slot,), name=f"diffutoon-render-{slot.device}", daemon=True)
             t.start()
             self._threads.append(t)
         return self
+
+    def _build_estimator(self):
+        """The time estimates' rate is measured on the pipeline itself, before any render uses it."""
+        try:
+            slot = self.models.slots[0]
+            self.estimator = Estimator(slot.pipe, slot.device)
+        finally:
+            self._estimated.set()
+
+    def estimate(self, settings, frames, height, width):
+        """Seconds the main pass of a render is likely to take on this app's device (None: unknown)."""
+        if self._threads:  # started: the estimator is being built (a manager never started has none)
+            self._estimated.wait(120)
+        if self.estimator is None:
+            return None
+        return self.estimator.seconds(frames, height, width, settings.steps, settings.context_length,
+                                      settings.context_stride)
 
     def stop(self, timeout=5):
         with self._cond:
@@ -168,6 +198,8 @@ class JobManager:
         args = parse_render_args(settings.argv(input_path))
         reader, indices = open_input(args, name)
         self.limits.check_length(reader, name)
+        selected = len(reader.frame_indices(indices[0], cli._frame(args.end, reader.fps), 1, None))
+        self.limits.check_every_nth(selected, args.every_nth, reader.fps)
         self.limits.check_frames(len(indices))
         try:
             size = cli._check_sizes(args, reader)
@@ -178,8 +210,9 @@ class JobManager:
                           "not load: leave Editing prompt empty")
         return args, reader, indices, size
 
-    def submit(self, token, upload, settings, loras=(), embeddings=()):
-        """Check a render request and queue it as a job of this session; UIError with a one-line message."""
+    def submit(self, token, upload, settings, loras=(), embeddings=(), confirmed=False):
+        """Check a render request and queue it as a job of this session; UIError with a one-line message.
+        A render estimated far beyond what this device does in reasonable time raises TooLong unless `confirmed`."""
         sid = self.session_id(token)
         if not upload:
             raise UIError("upload a video, or press \u201cUse the demo clip\u201d")
@@ -189,11 +222,17 @@ class JobManager:
         for what, path in files:
             if path.suffix.lower() not in _WEIGHT_SUFFIXES:
                 raise UIError(f"{what} {safe_name(path.name)}: not a weights file ({', '.join(_WEIGHT_SUFFIXES)})")
-        self.check(upload, name, settings)
+        args, reader, indices, (height, width) = self.check(upload, name, settings)
         with self._cond:
             active = [j for j in self._jobs.values() if j.session == sid and j.status in ACTIVE]
         if active:
             raise UIError("you already have a render in line or running: wait for it, or cancel it first")
+        estimate = self.estimate(settings, len(indices), height, width)
+        if estimate and estimate > self.limits.warn_seconds and not confirmed:
+            device = self.models.slots[0].device
+            raise TooLong(f"This render would take about {_duration(estimate)} on this app's {device} (an estimate "
+                          f"from its work: {len(indices)} frames of {width}x{height}, {settings.steps} steps): choose a "
+                          "smaller Width/Height, fewer frames or Steps, or press Render again to start it anyway")
         job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
         folder = self.data_dir / "sessions" / sid / job_id
         (folder / "loras").mkdir(parents=True)
@@ -207,7 +246,10 @@ class JobManager:
             names.append(target.name)
         job = Job(job_id, sid, folder, name, asdict(settings), lora_names,
                   [[n, safe_name(Path(n).stem.partition("-")[2] or "embedding")] for n in embedding_names],
-                  resumable=self.resumable)
+                  resumable=self.resumable, estimate=estimate)
+        _write_png(folder / "thumb.png", thumbnail(vio.resize_frames(reader.read([indices[0]]), height, width,
+                                                                     "crop" if args.resize == "short_side"
+                                                                     else args.resize)[0], 160))
         job.save()
         self._register(job)
         self._enqueue(job)
@@ -216,8 +258,9 @@ class JobManager:
     def _enqueue(self, job, note=""):
         with self._cond:
             job.status, job.note, job.cancel_requested = "queued", note, False
-            job.progress, job.message, job.fraction = {}, "", 0.0
-            job.previews = {}
+            # a resumed render continues from its folder: its bar stays where it was, never moving backwards
+            job.progress, job.message, job.fraction = {}, "", job.fraction if job.resumable else 0.0
+            job.previews, job.live = {}, {}
             job.preview_version += 1
             self._pending.append(job)
             job.save()
@@ -229,6 +272,99 @@ class JobManager:
         with self._cond:
             running = sum(1 for s in self.models.slots if s.job is not None)
             return (self._pending.index(job) + 1 if job in self._pending else 0), running
+
+    def wait_seconds(self, job):
+        """About how long a queued job waits: what the renders running now have left, then those ahead of it in line
+        (their estimates), shared among the accelerators. None while unknown."""
+        with self._cond:
+            if job not in self._pending:
+                return None
+            ahead = self._pending[:self._pending.index(job)]
+            running = [s.job for s in self.models.slots if s.job is not None]
+        left = [(j.progress or {}).get("eta_seconds") or (j.estimate or 0) * (1 - j.fraction) for j in running]
+        total = sum(left) + sum(j.estimate or 0 for j in ahead)
+        return total / len(self.models.slots) if total else None
+
+    def delete(self, token, job_id):
+        """Remove a finished job of this session and its folder (upload, result, previews): its URLs answer 404."""
+        job = self.job(token, job_id)
+        if job is None:
+            raise UIError("no such render in this session")
+        if job.status in ACTIVE:
+            raise UIError("this render is in line or running: cancel it first")
+        with self._cond:
+            self._jobs.pop(job.id, None)
+        shutil.rmtree(job.dir, ignore_errors=True)
+
+    def keep_upload(self, token, path):
+        """Keep an upload in the session's folder (the page plays it from there): its key for `file` / `source_path`."""
+        key = "u-" + secrets.token_hex(8)
+        folder = self.session_dir(token) / "uploads" / key
+        folder.mkdir(parents=True)
+        _link_or_copy(path, folder / safe_name(Path(path).name))
+        return key
+
+    def _folder(self, token, key):
+        """The folder of this session's job or kept upload `key`, or None."""
+        if isinstance(key, str) and _UPLOAD_KEY.fullmatch(key):
+            folder = self.session_dir(token) / "uploads" / key
+            return folder if folder.is_dir() else None
+        job = self.job(token, key)
+        return job.dir if job is not None else None
+
+    def source_path(self, token, source):
+        """The video of the form's `source` (key, name): a kept upload or a job's input; None if gone."""
+        if not source:
+            return None
+        key, name = source
+        folder = self._folder(token, key)
+        path = folder / safe_name(name) if folder is not None else None
+        return path if path is not None and path.is_file() else None
+
+    def file(self, token, key, name):
+        """A file of this session (a job's result, video, previews; a kept upload) for the page, or None: another
+        session's files and paths outside the folder are not there."""
+        try:
+            folder = self._folder(token, key)
+        except UIError:
+            return None
+        if folder is None or not name:
+            return None
+        path = (folder / name).resolve()
+        if not path.is_relative_to(folder.resolve()) or not path.is_file() or path.name == "job.json":
+            return None
+        return path
+
+    def live_preview_file(self, job):
+        """The pipeline's latest preview (progress "preview": an image or video path) as a file of the job: None
+        when it gave none."""
+        source = job.live.get("preview")
+        if not source or not Path(source).is_file():
+            return None
+        source = Path(source).resolve()
+        if source.is_relative_to(job.dir.resolve()):
+            return str(source.relative_to(job.dir.resolve()))
+        target = job.dir / "previews" / f"live{source.suffix.lower()}"
+        stamp = (str(source), source.stat().st_mtime_ns)
+        if job.preview_files.get("live") != stamp:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.tmp")
+            shutil.copyfile(source, tmp)
+            os.replace(tmp, target)
+            job.preview_files["live"] = stamp
+        return f"previews/{target.name}"
+
+    def preview_files(self, job):
+        """The job's condition previews as PNG files in its folder: [(file name relative to the job, caption)]."""
+        out = []
+        for name, (image, caption) in list(job.previews.items()):
+            target = job.dir / "previews" / f"{safe_name(name, 'preview')}.png"
+            stamp = (id(image), caption)
+            if job.preview_files.get(name) != stamp:
+                _write_png(target, image)
+                job.preview_files[name] = stamp
+            out.append((f"previews/{target.name}", caption))
+        return out
 
     def cancel(self, token, job_id):
         """Stop a job: out of the line if waiting, else at the pipeline's next window (its folder is kept)."""
@@ -305,6 +441,10 @@ class JobManager:
                 continue
             if job.status in TERMINAL and (job.finished or job.created) < limit:
                 shutil.rmtree(folder, ignore_errors=True)
+        for folder in (self.data_dir / "sessions").glob("*/uploads/u-*/"):  # uploads kept for the page's player
+            with contextlib.suppress(OSError):
+                if folder.stat().st_mtime < limit:
+                    shutil.rmtree(folder, ignore_errors=True)
 
     # -- change notification (watchers compare versions)
     def _changed_locked(self, job, everyone=False):
@@ -429,7 +569,7 @@ class JobManager:
         edit_extra = {"detectors": slot.edit_detectors} if slot.edit_detectors else None
         kwargs = pipeline_kwargs(args, height, width, adapter.recording(slot.detector), edit_extra)
         pipe._interrupt = False
-        with self._style_files(pipe, job, settings.lora_scale):
+        with self._style_files(pipe, job, settings.lora_scale), cancel_hooks(pipe, job):
             result = self._call_pipeline(pipe, features, adapter, kwargs, reader, indices, args, height, width, out,
                                          fps, job)
         if result is not None:  # frames: write them at the source's timing with its sound
@@ -531,3 +671,37 @@ def _edit_window_defaults(pipe):
     length = params["context_length"].default if "context_length" in params else 8
     stride = params["context_stride"].default if "context_stride" in params else 4
     return length, stride
+
+
+def _write_png(path, image):
+    """A small PNG, written to a temporary name and renamed: the page never reads half a file."""
+    import PIL.Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    PIL.Image.fromarray(np.ascontiguousarray(image)).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def cancel_hooks(pipe, job):
+    """Cancel within seconds at every stage: a hook before each block of the UNet, the ControlNets and the VAE raises
+    _Cancelled once the job is cancelled (the pipeline itself stops only between windows). Like a crash, this leaves
+    the render folder at its last completed step, so Resume continues from there."""
+    import torch
+
+    def check(module, inputs):
+        if job.cancel_requested:
+            raise _Cancelled()
+
+    modules = []
+    for name in ("unet", "controlnet", "vae"):
+        root = getattr(pipe, name, None)
+        if isinstance(root, torch.nn.Module):
+            modules += [m for m in root.modules() if isinstance(m, torch.nn.ModuleList)]
+    handles = [block.register_forward_pre_hook(check) for blocks in modules for block in blocks]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

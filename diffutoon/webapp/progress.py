@@ -97,6 +97,10 @@ class _RecordingDetector:
         self.count += 1
         self._adapter.set_preview(self._kind, np.asarray(result.convert("RGB")),
                                   f"{CONDITION_LABELS.get(self._kind, self._kind)} {self.count}/{self._adapter.frames}")
+        # progress per frame (the pipeline reports a chunk of frames at a time), and Cancel acts between frames
+        self._adapter.stage("conditions", min(self.count, self._adapter.frames), self._adapter.frames)
+        if self._adapter.job.cancel_requested:
+            raise _Cancelled()
         return result
 
     def __getattr__(self, name):
@@ -104,6 +108,9 @@ class _RecordingDetector:
 
 
 # ---------------------------------------------------------------------------------------------- progress
+# what the pipeline may add to its progress dict, kept until it says otherwise: the path of its latest preview
+# (image or video) and the step it shows, its memory plan (one line) and, at the end, its quality report (a dict)
+LIVE_KEYS = ("preview", "preview_step", "memory_plan", "report")
 _BAR_STAGES = (("editing branch", "edit"), ("denoising", "denoising"), ("decoding", "decoding"),
                ("lineart", "conditions"), ("softedge", "conditions"), ("depth", "conditions"))
 
@@ -129,6 +136,7 @@ class ProgressAdapter:
              "eta_seconds": None}
         d.update(progress)
         job = self.job
+        job.live.update({k: d[k] for k in LIVE_KEYS if d.get(k) is not None})
         if job.cancel_requested:
             self.pipe._interrupt = True  # also after the pipeline reset the flag at the start of its call
         job.progress = d
@@ -141,8 +149,12 @@ class ProgressAdapter:
 
     # -- the long-render API
     def callback(self, progress):
-        """progress_callback=: the pipeline's dict as is; condition previews from its render folder."""
+        """progress_callback=: the pipeline's dict as is; condition previews from its render folder. Once cancelled,
+        the next report stops the pipeline (it reports every chunk of frames while reading, making conditions and
+        decoding; its own _interrupt acts only between windows)."""
         self.emit(dict(progress))
+        if self.job.cancel_requested and progress.get("stage") not in ("done", "interrupted"):
+            raise _Cancelled()
         if self.render_dir is not None and progress.get("stage") in ("conditions", "edit", "fastblend", "denoising"):
             for name, (image, caption) in read_condition_previews(self.render_dir).items():
                 self.job.set_preview(name, image, caption)
@@ -248,16 +260,40 @@ def _place_text(place):
     return text
 
 
-def status_html(job, place=(0, 0), escape=html.escape):
-    """The progress block of the page: words for people, data-* attributes for scripts and tests."""
+def _drawing(p):
+    """"step s of S, window w of W" for the window being drawn now. `done` counts the windows completed (both the
+    pipeline's callback, whose `window` is the completed one, and its bars agree on it)."""
+    steps, windows, done = p.get("steps") or 0, p.get("windows") or 0, p.get("done") or 0
+    if not steps:
+        return ""
+    if not windows:
+        return f": step {min(p.get('step', 0) + 1, steps)} of {steps}"
+    step, window = divmod(min(done, steps * windows - 1), windows)
+    return f": step {step + 1} of {steps}, window {window + 1} of {windows}"
+
+
+def _report_html(report, escape):
+    rows = "".join(f"<tr><th scope=\"row\">{escape(str(k))}</th><td>{escape(f'{v:.4g}' if isinstance(v, float) else str(v))}"
+                   f"</td></tr>" for k, v in report.items())
+    return f'<table class="dt-report" aria-label="Quality report"><caption>Quality report</caption>{rows}</table>'
+
+
+def status_html(job, place=(0, 0), escape=html.escape, wait=None):
+    """The progress block of the page: words for people (announced by screen readers: role="status"), data-*
+    attributes for scripts and tests. `wait`: the estimated seconds a queued job waits."""
+    live = 'role="status" aria-live="polite" aria-atomic="true"'
     if job is None:
-        return ('<div id="dt-progress" data-state="idle"><div class="dt-stage">Upload a video (or use the demo '
+        return (f'<div id="dt-progress" data-state="idle" {live}><div class="dt-stage">Upload a video (or use the demo '
                 'clip), then press Render.</div></div>')
     p = job.progress or {}
     state = job.status
     stage = p.get("stage") or "reading"
     if state == "queued":
         stage, text = "queued", _place_text(place)
+        if wait:
+            text += f" It should start in about {_duration(wait)}."
+        if job.estimate:
+            text += f" The render itself: about {_duration(job.estimate)}."
     elif state == "done":
         stage, text = "done", f"Done in {_duration((job.finished or 0) - (job.started or 0))}."
     elif state in ("failed", "cancelled"):
@@ -266,20 +302,25 @@ def status_html(job, place=(0, 0), escape=html.escape):
         text = STAGE_WORDS.get(stage, stage)
         if p.get("pass") == "edit" and stage == "conditions":
             text = "Editing branch: making its condition frames"
-        if stage in ("denoising", "edit") and p.get("steps"):
-            text += f": step {min(p.get('step', 0) + 1, p['steps'])} of {p['steps']}"
-            if p.get("windows"):
-                text += f", window {min(p.get('window', 0) + 1, p['windows'])} of {p['windows']}"
+        if stage in ("denoising", "edit"):
+            text += _drawing(p)
         elif stage in ("reading", "conditions", "decoding") and p.get("total"):
-            text += f": {p.get('done', 0)} of {p['total']}"
+            text += f": frame {p.get('done', 0)} of {p['total']}"
         eta = p.get("eta_seconds")
         text += f" \u00b7 about {_duration(eta)} left" if eta else " \u00b7 estimating the time left"
         if state == "cancelling":
-            text = f"Cancelling at the next window\u2026 ({text})"
+            text = f"Cancelling\u2026 ({text})"
     note = f'<div class="dt-note">This render was {escape(job.note)}.</div>' if job.note and state in ACTIVE else ""
+    live_ = job.live or {}
+    if live_.get("memory_plan"):
+        note += f'<div class="dt-note dt-memory">Memory: {escape(str(live_["memory_plan"]))}</div>'
+    if state == "done" and isinstance(live_.get("report"), dict) and live_["report"]:
+        note += _report_html(live_["report"], escape)
     attrs = {"state": state, "stage": stage, "step": p.get("step", 0), "steps": p.get("steps", 0),
              "window": p.get("window", 0), "windows": p.get("windows", 0), "done": p.get("done", 0),
              "total": p.get("total", 0), "events": job.events, "fraction": f"{job.fraction:.4f}", "job": job.id}
     data = " ".join(f'data-{k}="{escape(str(v))}"' for k, v in attrs.items())
-    return (f'<div id="dt-progress" {data}><div class="dt-stage">{text}</div>'
-            f'<progress value="{job.fraction:.4f}" max="1"></progress>{note}</div>')
+    percent = round(100 * job.fraction)
+    return (f'<div id="dt-progress" {data} {live}><div class="dt-stage">{text}</div>'
+            f'<progress value="{job.fraction:.4f}" max="1" aria-label="Render progress" '
+            f'aria-valuetext="{percent}%">{percent}%</progress>{note}</div>')

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .. import cli
@@ -53,16 +53,18 @@ def one_line(e, paths=None):
 
 
 def _duration(seconds):
-    seconds = max(0, int(round(seconds)))
+    """A length as people write it: "2.5 s", "4 min 05 s", "1 h 20 min" (limits are shown as configured)."""
     if seconds < 60:
-        return f"{seconds} s"
+        return f"{max(0.0, round(seconds, 1)):g} s"
+    seconds = int(round(seconds))
     if seconds < 3600:
         return f"{seconds // 60} min" + (f" {seconds % 60:02d} s" if seconds % 60 else "")
     return f"{seconds // 3600} h" + (f" {seconds % 3600 // 60:02d} min" if seconds % 3600 // 60 else "")
 
 
 def _megabytes(n):
-    return f"{n / 2**20:.0f} MB" if n >= 2**20 else f"{n / 2**10:.0f} kB"
+    """A file size in MB, the unit of the upload limit, with the digits that tell two sizes apart."""
+    return f"{n / 2**20:.3g} MB" if n < 100 * 2**20 else f"{n / 2**20:.0f} MB"
 
 
 def safe_name(name, default="video.mp4"):
@@ -70,6 +72,89 @@ def safe_name(name, default="video.mp4"):
     name = Path(str(name)).name
     name = re.sub(r"[^\w .()+-]+", "_", name).strip(" ._") or default
     return name[-120:]
+
+
+# ---------------------------------------------------------------------------------------------- the form
+@dataclass(frozen=True)
+class Field:
+    """One control of the page's form: the Settings attribute it sets, its label and its range. The page makes its
+    controls from FIELDS, reads them back in this order (`settings_from_form`), shows a job's settings in them
+    (`form_values`), and the messages name the label. A new control: a Field here, a Settings attribute, and its
+    option in Settings.argv (or a pipeline argument in loading.pipeline_kwargs)."""
+
+    name: str
+    label: str
+    kind: str  # number | int | slider | text | radio
+    group: str  # part | prompt | edit | size | style: the page's section
+    minimum: float | None = None
+    maximum: float | None = None
+    step: float | None = None
+    info: str = ""
+    choices: tuple = ()  # radio: (label, value) pairs
+    placeholder: str = ""
+    lines: int = 1
+
+    @property
+    def elem_id(self):
+        return "dt-" + self.name.replace("_", "-")
+
+
+FIELDS = (
+    Field("start", "Start (seconds)", "number", "part", 0),
+    Field("end", "End (seconds; 0 = the end)", "number", "part", 0),
+    Field("every_nth", "Every n-th frame", "int", "part", 1,
+          info="2 keeps every other frame: half the work, half the frame rate, the same length"),
+    Field("prompt", "Prompt", "text", "prompt", info="What the anime version should look like", lines=2),
+    Field("negative_prompt", "Negative prompt", "text", "prompt",
+          info="What to avoid. verybadimagenegative_v1.3 is the paper's (a textual inversion, loaded with the real "
+               "models)"),
+    Field("edit_prompt", "Editing prompt", "text", "edit", placeholder="orange dress, night, blue sky",
+          info="Runs the editing branch first: a colour video made with this prompt guides the colours. Slower. "
+               "Leave empty to keep the video's colours."),
+    Field("edit_steps", "Editing steps", "slider", "edit", 1, 50, 1),
+    Field("width", "Width", "slider", "size", 64, 2048, 8),
+    Field("height", "Height", "slider", "size", 64, 2048, 8),
+    Field("shape", "Shape", "radio", "size", choices=(
+        ("Crop to fill (the paper)", "crop"), ("Fit with black bars", "pad"),
+        ("Keep the video's shape (short side = the smaller of width and height)", "short_side"))),
+    Field("steps", "Steps", "slider", "size", 1, 50, 1, info="More: finer, slower (the paper: 10)"),
+    Field("guidance_scale", "Guidance", "slider", "size", 0, 20, 0.5, info="How strongly to follow the prompt"),
+    Field("context_length", "Window length", "slider", "size", 2, 32, 1, info="Frames drawn together (the paper: 16)"),
+    Field("context_stride", "Window stride", "slider", "size", 1, 31, 1,
+          info="Shift between windows; smaller than the length"),
+    Field("lineart_scale", "Lineart strength", "slider", "size", 0, 2, 0.05, info="How closely the outlines are kept"),
+    Field("tile_scale", "Colour strength", "slider", "size", 0, 2, 0.05, info="How closely the colours are kept"),
+    Field("seed", "Seed", "int", "size", info="Same seed and settings: same result"),
+    Field("lora_scale", "LoRA strength", "slider", "style", 0, 2, 0.05),
+)
+
+
+def settings_from_form(values, base):
+    """The form's values (in FIELDS order) -> Settings, on top of `base` (the page's defaults: what the form does
+    not show). A value out of its field's range: UIError naming the field's label, the app's own one-line message."""
+    values = dict(zip((f.name for f in FIELDS), values))
+    for f in FIELDS:
+        value = values[f.name]
+        if f.kind in ("number", "int", "slider"):
+            if value is None or value == "":
+                value = 0 if f.name in ("start", "end") else getattr(base, f.name)
+            if f.kind == "int" and float(value) != int(float(value)):
+                raise UIError(f"{f.label}: must be a whole number, got {value:g}")
+            value = int(float(value)) if f.kind == "int" or float(value).is_integer() and f.step in (1, 8) else value
+            if f.minimum is not None and value < f.minimum:
+                raise UIError(f"{f.label}: must be at least {f.minimum:g}, got {value:g}")
+            if f.maximum is not None and value > f.maximum:
+                raise UIError(f"{f.label}: must be at most {f.maximum:g}, got {value:g}")
+        elif value is None:
+            value = ""
+        values[f.name] = value
+    values["end"] = values["end"] or None
+    return Settings(**{**asdict(base), **values})
+
+
+def form_values(settings):
+    """What the form shows for these settings (FIELDS order): a job's settings restored after a reload."""
+    return [(getattr(settings, f.name) or 0) if f.name == "end" else getattr(settings, f.name) for f in FIELDS]
 
 
 # ---------------------------------------------------------------------------------------------- settings
@@ -96,6 +181,7 @@ class Settings:
     tile_scale: float = 0.5
     seed: int = 0
     lora_scale: float = 1.0
+    decode_chunk_size: int = 8  # frames per VAE decode: 1 on a CPU, so that progress and Cancel act per frame
 
     def argv(self, input_path):
         """The `diffutoon render` command line these settings stand for (options as --name=value, so that a
@@ -116,8 +202,16 @@ class Settings:
                  f"--short-side={num(min(self.width, self.height))}", f"--steps={num(self.steps)}",
                  f"--guidance-scale={num(self.guidance_scale)}", f"--context-length={num(self.context_length)}",
                  f"--context-stride={num(self.context_stride)}", f"--lineart-scale={num(self.lineart_scale)}",
-                 f"--tile-scale={num(self.tile_scale)}", f"--seed={num(self.seed)}"]
+                 f"--tile-scale={num(self.tile_scale)}", f"--seed={num(self.seed)}",
+                 f"--decode-chunk-size={num(self.decode_chunk_size)}"]
         return argv
+
+    def summary(self):
+        """The main settings in a few words ("Your renders")."""
+        part = f"{self.start:g}\u2013{self.end:g} s" if self.end else (f"from {self.start:g} s" if self.start else "whole")
+        nth = f", every {self.every_nth}th frame" if self.every_nth > 1 else ""
+        edit = f", edit \u201c{self.edit_prompt}\u201d" if (self.edit_prompt or "").strip() else ""
+        return f"{self.width}x{self.height} {self.shape}, {self.steps} steps, seed {self.seed}, {part}{nth}{edit}"
 
 
 def parse_render_args(argv):
@@ -148,6 +242,7 @@ class Limits:
     max_upload_mb: float = 500
     max_seconds: float = 600
     max_frames: int = 600
+    warn_seconds: float = 1800  # a render estimated longer than this asks to be confirmed (Render again)
 
     def check_size(self, path, name):
         size = os.path.getsize(path)
@@ -160,6 +255,18 @@ class Limits:
             raise UIError(f"{name} is {_duration(reader.duration)} long; this app takes videos up to "
                           f"{_duration(self.max_seconds)}: cut it shorter first")
 
+    def check_every_nth(self, selected, every_nth, fps):
+        """Every n-th frame keeps the length (each kept frame lasts n source frames) unless n is large against the part:
+        the result would be much longer than the part, so refuse."""
+        if every_nth <= 1 or not selected:
+            return
+        kept = -(-selected // every_nth)
+        if kept * every_nth > 1.25 * selected:
+            fit = max(1, selected // 2)
+            raise UIError(f"Every n-th frame: {every_nth} keeps {kept} of the {selected} selected frames, and the result "
+                          f"would last {_duration(kept * every_nth / fps)} instead of {_duration(selected / fps)}: "
+                          f"use {fit} or less, or select a longer part")
+
     def check_frames(self, n):
         if n > self.max_frames:
             raise UIError(f"the selected part has {n} frames; this app renders at most {self.max_frames} frames at a "
@@ -170,12 +277,12 @@ def page_defaults(kind, accelerator):
     """Settings the page starts with: tiny sizes for the demo models, small ones on a CPU, the paper's on a GPU."""
     if kind == "demo":
         return Settings(width=64, height=64, steps=2, context_length=8, context_stride=4, edit_size=64, edit_steps=2,
-                        negative_prompt="")
+                        negative_prompt="", decode_chunk_size=8 if accelerator else 1)
     if accelerator:  # SPEC: 1536x1536, 10 steps, windows 16/8; editing branch 512x512, 20 steps
         return Settings(width=1536, height=1536, steps=10, edit_size=512, edit_steps=20,
                         negative_prompt=models.DEFAULT_NEGATIVE_TOKEN)
     return Settings(width=384, height=384, steps=6, edit_size=384, edit_steps=10,
-                    negative_prompt=models.DEFAULT_NEGATIVE_TOKEN)
+                    negative_prompt=models.DEFAULT_NEGATIVE_TOKEN, decode_chunk_size=1)
 
 
 def default_limits(kind, accelerator, args=None):
