@@ -12,6 +12,6 @@ import sys
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the package beside this file, installed or not
-    from diffutoon.cli import main
+    from diffutoon.__main__ import main
 
     sys.exit(main(["ui", *shlex.split(os.environ.get("DIFFUTOON_UI_ARGS", "")), *sys.argv[1:]]))

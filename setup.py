@@ -38,5 +38,5 @@ setup(
         # the suite, including the web app's tests and its real-browser test (Debian: apt install chromium chromium-driver)
         "test": ["pytest>=8", "gradio>=6.0", "selenium>=4.11"],
     },
-    entry_points={"console_scripts": ["diffutoon=diffutoon.cli:main"]},
+    entry_points={"console_scripts": ["diffutoon=diffutoon.__main__:main"]},
 )

@@ -1,4 +1,4 @@
-"""The web app's engine (`diffutoon.ui_jobs`) and page (`diffutoon.ui`) without a browser, with the tiny models:
+"""The web app (`diffutoon.webapp`: its engine, and its page `webapp.page`) without a browser, with the tiny models:
 jobs end to end, the pipeline's own progress, the CLI's messages, limits, the queue, Cancel / Resume, a restart,
 LoRAs and textual inversions per render, and the long-render API of CONTRACT.md on a stand-in pipeline.
 
@@ -19,7 +19,10 @@ import pytest
 import torch
 
 from diffutoon import cli
-from diffutoon import ui_jobs as J
+from diffutoon.webapp.loading import Models, PipelineFeatures, Slot, load_models, pipeline_kwargs
+from diffutoon.webapp.manager import JobManager
+from diffutoon.webapp.progress import read_condition_previews, status_html
+from diffutoon.webapp.settings import Limits, Settings, UIError, page_message, parse_render_args
 from diffutoon import video as vio
 from test_cli import local_models  # noqa: F401 (fixture: tiny models saved as real ones are laid out)
 
@@ -30,7 +33,7 @@ TIMEOUT = 120
 
 @pytest.fixture(scope="module")
 def models():
-    return J.load_models(argparse.Namespace(demo_models=True, device="cpu", dtype="auto"), log=lambda m: None)
+    return load_models(argparse.Namespace(demo_models=True, device="cpu", dtype="auto"), log=lambda m: None)
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +43,13 @@ def clip(tmp_path_factory):
 
 @pytest.fixture
 def manager(models, tmp_path):
-    m = J.JobManager(models, tmp_path / "data", log=lambda msg: None).start()
+    m = JobManager(models, tmp_path / "data", log=lambda msg: None).start()
     yield m
     m.stop()
 
 
 def small(**kw):
-    return J.Settings(**{**dict(width=SIZE, height=SIZE, steps=2, context_length=4, context_stride=2, edit_size=SIZE,
+    return Settings(**{**dict(width=SIZE, height=SIZE, steps=2, context_length=4, context_stride=2, edit_size=SIZE,
                                 edit_steps=2, negative_prompt=""), **kw})
 
 
@@ -83,7 +86,7 @@ def cli_message(capfd, argv, paths):
     assert len(err) == 1, err
     core = err[0].split(": error: ", 1)[1]
     core = re.sub(r" \((see `diffutoon render --help`|rerun with --debug for details)\)$", "", core)
-    return J.page_message(core, paths)
+    return page_message(core, paths)
 
 
 # ------------------------------------------------------------------------------------------------ a render
@@ -122,14 +125,14 @@ def test_render_job_end_to_end_with_the_pipelines_own_progress(manager, clip, tm
     # previews: every lineart frame made, and the tile ControlNet's input
     assert set(job.previews) == {"lineart", "tile"}
     assert job.previews["lineart"][1] == f"Lineart {FRAMES}/{FRAMES}"
-    html = J.status_html(job)
+    html = status_html(job)
     assert 'data-state="done"' in html and "Done in" in html
 
     # the app adds nothing to the pipeline: the same call made directly gives the same frames
     slot = manager.models.slots[0]
-    args = J.parse_render_args(small().argv(clip))
+    args = parse_render_args(small().argv(clip))
     frames = vio.read_frames(vio.VideoReader(clip), range(FRAMES), SIZE, SIZE, progress=False)
-    direct = slot.pipe(video=frames, **J.pipeline_kwargs(args, SIZE, SIZE, slot.detector))
+    direct = slot.pipe(video=frames, **pipeline_kwargs(args, SIZE, SIZE, slot.detector))
     direct_path = vio.write_video(tmp_path / "direct.mp4", vio.to_uint8(direct.frames[0]), FPS, progress=False)
     np.testing.assert_array_equal(decode(out), decode(direct_path))
 
@@ -144,11 +147,11 @@ def test_pipeline_arguments_are_the_clis(clip):
             return types.SimpleNamespace(frames=[np.zeros((1, 8, 8, 3), np.uint8)])
 
     for settings in (small(), small(edit_prompt="night", lineart_scale=0.3, tile_scale=0.7, seed=5, every_nth=2)):
-        args = J.parse_render_args(settings.argv(clip))
+        args = parse_render_args(settings.argv(clip))
         args.quiet = True
         frames = np.zeros((4, SIZE, SIZE, 3), np.uint8)
         cli._run_pipeline(args, Recorder(), frames, "detector", {"detectors": "edit-detectors"})
-        ours = J.pipeline_kwargs(args, SIZE, SIZE, "detector", {"detectors": "edit-detectors"})
+        ours = pipeline_kwargs(args, SIZE, SIZE, "detector", {"detectors": "edit-detectors"})
         theirs = calls.pop()
         assert theirs.pop("video") is frames
         assert theirs.pop("generator").initial_seed() == ours.pop("generator").initial_seed() == settings.seed
@@ -164,9 +167,9 @@ def test_bad_uploads_and_settings_give_the_clis_messages(manager, clip, tmp_path
     for name in ("truncated.mp4", "notes.mp4"):
         path = tmp_path / name
         expected = cli_message(capfd, ["render", str(path), "-o", str(tmp_path / "o.mp4")], {path: name})
-        with pytest.raises(J.UIError) as inspected:
+        with pytest.raises(UIError) as inspected:
             manager.inspect(path)
-        with pytest.raises(J.UIError) as submitted:
+        with pytest.raises(UIError) as submitted:
             manager.submit(token, path, small())
         assert str(inspected.value) == str(submitted.value) == expected
         assert str(tmp_path) not in expected and name in expected
@@ -181,11 +184,11 @@ def test_bad_uploads_and_settings_give_the_clis_messages(manager, clip, tmp_path
     ]
     for settings, argv, words in cases:
         expected = cli_message(capfd, ["render", str(clip), "-o", str(tmp_path / "o.mp4"), *argv], {clip: clip.name})
-        with pytest.raises(J.UIError) as e:
+        with pytest.raises(UIError) as e:
             manager.submit(token, clip, small(**settings))
         assert str(e.value) == expected == words
 
-    with pytest.raises(J.UIError, match=r"LoRA style.txt: not a weights file"):
+    with pytest.raises(UIError, match=r"LoRA style.txt: not a weights file"):
         manager.submit(token, clip, small(), loras=[tmp_path / "style.txt"])
     # the app keeps serving
     job = manager.submit(token, clip, small())
@@ -193,20 +196,27 @@ def test_bad_uploads_and_settings_give_the_clis_messages(manager, clip, tmp_path
 
 
 def test_size_length_and_frame_limits(models, clip, tmp_path):
-    m = J.JobManager(models, tmp_path / "data", J.Limits(max_upload_mb=0.01), log=lambda msg: None)
+    m = JobManager(models, tmp_path / "data", Limits(max_upload_mb=0.01), log=lambda msg: None)
     size = clip.stat().st_size
-    with pytest.raises(J.UIError) as e:
+    with pytest.raises(UIError) as e:
         m.inspect(clip)
-    assert str(e.value) == (f"clip.mp4 is {size / 1024:.0f} kB; this app takes videos up to 0.01 MB: shorten or "
+    # the file's size in the limit's unit, and the limits as configured (not rounded to "0 s")
+    assert str(e.value) == (f"clip.mp4 is {size / 2**20:.3g} MB; this app takes videos up to 0.01 MB: shorten or "
                             "compress it first")
-    m.limits = J.Limits(max_seconds=0.5)
-    with pytest.raises(J.UIError, match=r"^clip.mp4 is 1 s long; this app takes videos up to 0 s: cut it shorter"):
+    m.limits = Limits(max_seconds=0.5)
+    with pytest.raises(UIError, match=r"^clip.mp4 is 1 s long; this app takes videos up to 0.5 s: cut it shorter"):
         m.inspect(clip)
-    m.limits = J.Limits(max_frames=4)
+    m.limits = Limits(max_frames=4)
     token = m.new_token()
-    with pytest.raises(J.UIError, match="the selected part has 8 frames; this app renders at most 4 frames"):
+    with pytest.raises(UIError, match="the selected part has 8 frames; this app renders at most 4 frames"):
         m.submit(token, clip, small())
     m.submit(token, clip, small(every_nth=2))  # 4 frames: accepted (queued; no worker started here)
+    # every n-th frame keeps the length (each frame lasts n source frames): a large n that would stretch it is refused
+    m.limits = Limits()
+    with pytest.raises(UIError) as e:
+        m.submit(m.new_token(), clip, small(every_nth=6))
+    assert str(e.value) == ("Every n-th frame: 6 keeps 2 of the 8 selected frames, and the result would last 1.5 s "
+                            "instead of 1 s: use 4 or less, or select a longer part")
     m.stop()
 
 
@@ -227,12 +237,12 @@ def test_queue_one_render_at_a_time_with_places_and_private_jobs(manager, clip):
     try:
         assert [j.status for j in jobs] == ["running", "queued", "queued"]
         assert [manager.place(j) for j in jobs] == [(0, 1), (1, 1), (2, 1)]
-        assert "you are number 2. 1 render is ahead of you (1 running now" in J.status_html(jobs[2], manager.place(jobs[2]))
+        assert "you are number 2. 1 render is ahead of you (1 running now" in status_html(jobs[2], manager.place(jobs[2]))
         # a session sees only its own jobs, and one active render each
         assert manager.job(tokens[1], jobs[0].id) is None and manager.job(tokens[0], jobs[0].id) is jobs[0]
-        with pytest.raises(J.UIError, match="no such render"):
+        with pytest.raises(UIError, match="no such render"):
             manager.cancel(tokens[1], jobs[0].id)
-        with pytest.raises(J.UIError, match="already have a render"):
+        with pytest.raises(UIError, match="already have a render"):
             manager.submit(tokens[0], clip, small())
         assert manager.session_dir(tokens[0]) != manager.session_dir(tokens[1])
         assert jobs[0].dir.parent == manager.session_dir(tokens[0])
@@ -267,7 +277,7 @@ def test_cancel_stops_at_the_next_window_and_keeps_the_folder(manager, clip):
     assert manager.models.slots[0].pipe._interrupt is False
 
     # Resume (this pipeline cannot continue a render: it starts again), then another user's render still works
-    assert 'data-state="cancelled"' in J.status_html(job)
+    assert 'data-state="cancelled"' in status_html(job)
     manager.resume(token, job.id)
     assert manager.wait(job, TIMEOUT) == "done" and job.attempts == 2
     other = manager.submit(manager.new_token(), clip, small())
@@ -286,7 +296,7 @@ def test_cancel_stops_at_the_next_window_and_keeps_the_folder(manager, clip):
 
 
 def test_restarted_app_runs_the_jobs_it_had_not_finished(models, clip, tmp_path):
-    first = J.JobManager(models, tmp_path / "data", log=lambda msg: None)  # never started: its jobs stay queued
+    first = JobManager(models, tmp_path / "data", log=lambda msg: None)  # never started: its jobs stay queued
     token, crashed_token = first.new_token(), first.new_token()
     waiting = first.submit(token, clip, small())
     running = first.submit(crashed_token, clip, small(seed=1))
@@ -297,7 +307,7 @@ def test_restarted_app_runs_the_jobs_it_had_not_finished(models, clip, tmp_path)
     old.save()
     first.stop()
 
-    second = J.JobManager(models, tmp_path / "data", log=lambda msg: None).start()
+    second = JobManager(models, tmp_path / "data", log=lambda msg: None).start()
     try:
         job, other = second.job(token, waiting.id), second.job(crashed_token, running.id)
         assert job is not None and other is not None and job is not waiting
@@ -451,15 +461,15 @@ class ContractPipeline:
 def test_the_long_render_api_is_used_when_the_pipeline_has_it(clip, tmp_path, monkeypatch):
     monkeypatch.setattr(vio, "VideoClip", FakeClip, raising=False)
     pipe = ContractPipeline()
-    features = J.PipelineFeatures.of(pipe)
+    features = PipelineFeatures.of(pipe)
     assert features.progress_callback and features.render_dir and features.streams_output and features.resumable
-    models = J.Models("real", [J.Slot("cpu", pipe)], has_edit=False, summary="the contract's stand-in")
-    manager = J.JobManager(models, tmp_path / "data", log=lambda msg: None).start()
+    models = Models("real", [Slot("cpu", pipe)], has_edit=False, summary="the contract's stand-in")
+    manager = JobManager(models, tmp_path / "data", log=lambda msg: None).start()
     token = manager.new_token()
     seen = []
 
     def watch(job):
-        seen.append((dict(job.progress), J.status_html(job)))
+        seen.append((dict(job.progress), status_html(job)))
         p = job.progress
         if p.get("stage") == "denoising" and p.get("step") == 1 and p.get("window") == 2 and len(pipe.calls) == 1:
             t = threading.Thread(target=manager.cancel, args=(token, job.id))
@@ -499,13 +509,13 @@ def test_condition_previews_show_only_completed_chunks(tmp_path):
     frames = np.arange(40, dtype=np.uint8)[:, None, None, None] * np.ones((40, 4, 4, 3), np.uint8)
     np.save(folder / "0-lineart.npy", frames)
     (folder / "0-lineart.done").write_bytes(b"\x01\x00\x00")
-    assert J.read_condition_previews(tmp_path / "render")["lineart"][1] == "Lineart 16/40"
-    assert J.read_condition_previews(tmp_path / "render")["lineart"][0].max() == 15
+    assert read_condition_previews(tmp_path / "render")["lineart"][1] == "Lineart 16/40"
+    assert read_condition_previews(tmp_path / "render")["lineart"][0].max() == 15
     (folder / "0-lineart.done").write_bytes(b"\x01\x01\x01")
-    assert J.read_condition_previews(tmp_path / "render")["lineart"][1] == "Lineart 40/40"
+    assert read_condition_previews(tmp_path / "render")["lineart"][1] == "Lineart 40/40"
     (folder / "1-tile.done").write_bytes(b"\x00\x00\x00")
     np.save(folder / "1-tile.npy", frames)
-    assert set(J.read_condition_previews(tmp_path / "render")) == {"lineart"}
+    assert set(read_condition_previews(tmp_path / "render")) == {"lineart"}
 
 
 # ------------------------------------------------------------------------------------------------ models, page, setup
@@ -513,13 +523,13 @@ def test_no_models_means_labelled_demo_models_and_an_explicit_base_must_load(tmp
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     args = cli.build_parser().parse_args(["ui", "--device", "cpu"])
-    models = J.load_models(args, log=lambda m: None)
+    models = load_models(args, log=lambda m: None)
     assert models.is_demo and "stable-diffusion-v1-5/stable-diffusion-v1-5" in models.reason
     assert "--base" in models.reason
 
     args = cli.build_parser().parse_args(["ui", "--base", "./models/anime.safetensors"])
     with pytest.raises(cli.CLIError, match=r"^--base ./models/anime.safetensors: no such file or folder"):
-        J.load_models(args, log=lambda m: None)
+        load_models(args, log=lambda m: None)
 
 
 def test_real_models_from_the_render_options_with_start_up_styles_kept(local_models, clip, tmp_path):
@@ -531,16 +541,16 @@ def test_real_models_from_the_render_options_with_start_up_styles_kept(local_mod
         str(m / "lineart"), "--tile-controlnet", str(m / "tile"), "--annotators", str(m / "annotators"),
         "--textual-inversion", str(m / "verybadimagenegative_v1.3.pt"),
         "--lora", f"{m / 'lora' / 'pytorch_lora_weights.safetensors'}@0.8", "--device", "cpu"])
-    models = J.load_models(args, log=lambda msg: None)
+    models = load_models(args, log=lambda msg: None)
     assert models.kind == "real" and not models.reason and str(m / "base") in models.summary
     assert not models.has_edit  # the editing ControlNets are neither local nor downloadable offline
     assert models.base_loras == (("lora0",), (0.8,))
     pipe = models.slots[0].pipe
-    manager = J.JobManager(models, tmp_path / "data", log=lambda msg: None).start()
+    manager = JobManager(models, tmp_path / "data", log=lambda msg: None).start()
     try:
         assert manager.defaults.width == 384 and manager.defaults.negative_prompt == cli.DEFAULT_NEGATIVE_TOKEN
         token = manager.new_token()
-        with pytest.raises(J.UIError, match="the editing prompt needs the editing ControlNets"):
+        with pytest.raises(UIError, match="the editing prompt needs the editing ControlNets"):
             manager.submit(token, clip, small(edit_prompt="night"))
         outputs = []
         style = _kohya_lora(pipe, tmp_path / "style.safetensors")
@@ -558,7 +568,7 @@ def test_real_models_from_the_render_options_with_start_up_styles_kept(local_mod
 
 def test_the_page_says_what_the_demo_models_are(manager):
     pytest.importorskip("gradio")
-    from diffutoon import ui
+    from diffutoon.webapp import page as ui
 
     app, launch = ui.build_app(manager)
     html = [b.value for b in app.blocks.values() if type(b).__name__ == "HTML" and "dt-models" in str(b.value)]
@@ -566,7 +576,8 @@ def test_the_page_says_what_the_demo_models_are(manager):
     assert "coloured noise, not anime" in html[0] and manager.models.reason in html[0]
     # files: nothing served by its path; the data folder blocked; uploads capped
     assert launch["allowed_paths"] == [] and launch["blocked_paths"] == [str(manager.data_dir)]
-    assert launch["max_file_size"] == int(manager.limits.max_upload_mb * 2**20)
+    # Gradio's own cap (its toast, its units) only past twice the limit: up to there the app's message says it
+    assert launch["max_file_size"] == int(2 * manager.limits.max_upload_mb * 2**20)
     assert manager.secret not in str(app.get_config_file())  # session folders stay unguessable
     served = Path(manager.serve_copy(manager.demo_clip(), "demo-clip.mp4"))
     assert not served.is_relative_to(manager.data_dir) and served.name == "demo-clip.mp4"
@@ -577,13 +588,15 @@ def test_the_page_says_what_the_demo_models_are(manager):
 
 
 def test_ui_command_line(capfd, monkeypatch):
+    from diffutoon.__main__ import main
+
     assert cli.main(["ui", "--help"]) == 0
     assert "--demo-models" in capfd.readouterr().out
     assert cli.main(["ui", "--port", "0"]) == 2
     err = capfd.readouterr().err.strip()
     assert err == "diffutoon ui: error: argument --port: must be >= 1, got 0 (see `diffutoon ui --help`)"
     monkeypatch.setitem(__import__("sys").modules, "gradio", None)  # Gradio not installed
-    assert cli.main(["ui", "--demo-models"]) == 2
+    assert main(["ui", "--demo-models"]) == 2
     err = capfd.readouterr().err.strip()
     assert err.startswith("diffutoon ui: error: the web app needs Gradio") and "pip install 'diffutoon[ui]'" in err
 
@@ -592,7 +605,7 @@ def test_setup_extras_and_ci_script():
     tree = ast.parse((ROOT / "setup.py").read_text())
     extras = next(ast.literal_eval(k.value) for node in ast.walk(tree) if isinstance(node, ast.Call)
                   for k in node.keywords if k.arg == "extras_require")
-    from diffutoon.ui import GRADIO_MIN
+    from diffutoon.webapp.page import GRADIO_MIN
 
     assert f"gradio>={GRADIO_MIN}" in extras["ui"]
     assert set(extras["ui"]) <= set(extras["test"]) and any(r.startswith("selenium") for r in extras["test"])
@@ -601,3 +614,55 @@ def test_setup_extras_and_ci_script():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "chromium" in ci and "chromium-driver" in ci
     assert ci.rstrip().splitlines()[-1] == readme_command
+
+
+def _package_imports(root):
+    """{module: set of diffutoon modules it imports}, every import statement counted (also those inside functions)."""
+    graph = {}
+    for path in sorted((root / "diffutoon").rglob("*.py")):
+        parts = list(path.relative_to(root).with_suffix("").parts)
+        package = parts[:-1]
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = package[:len(package) - node.level + 1] if node.level else []
+                stem = ".".join(base + ([node.module] if node.module else []))
+                targets = [f"{stem}.{a.name}" for a in node.names] + [stem]
+            else:
+                continue
+            edges |= {t for t in targets if t.split(".")[0] == "diffutoon"}
+        graph[name] = edges
+    # "from . import video" names a module, "from .jobs import Job" an attribute of one: keep the modules
+    return {m: {e if e in graph else e.rpartition(".")[0] for e in edges} & set(graph) - {m}
+            for m, edges in graph.items()}
+
+
+def test_the_package_imports_have_no_circle():
+    """diffutoon.models is where models come from (the CLI and the web app both use it); the web app sits above the
+    CLI; nothing imports in a circle, not even lazily inside a function. Each module imports and is readable."""
+    import importlib
+
+    graph = _package_imports(ROOT)
+    assert "diffutoon.models" in graph["diffutoon.cli"] and "diffutoon.models" in graph["diffutoon.webapp.loading"]
+    assert not any(m.startswith("diffutoon.webapp") for m in graph["diffutoon.cli"])
+    order, state = [], {}
+
+    def visit(m, path):
+        if state.get(m) == "open":
+            raise AssertionError("import circle: " + " -> ".join(path[path.index(m):] + [m]))
+        if state.get(m) != "done":
+            state[m] = "open"
+            for e in sorted(graph[m]):
+                visit(e, path + [m])
+            state[m] = "done"
+            order.append(m)
+
+    for m in graph:
+        visit(m, [])
+    for m in order:  # dependencies first
+        importlib.import_module(m)
+    for path in (ROOT / "diffutoon" / "webapp").glob("*.py"):
+        assert len(path.read_text().splitlines()) <= 600, f"{path.name}: split it by concern"

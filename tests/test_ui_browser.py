@@ -39,8 +39,7 @@ def _browser():
     return chromium, driver, None
 
 
-@pytest.fixture(scope="module")
-def browser():
+def _start_browser():
     chromium, driver, missing = _browser()
     if missing:
         if os.environ.get("CI"):
@@ -59,6 +58,21 @@ def browser():
     options.add_argument(f"--user-data-dir={profile}")
     drv = webdriver.Chrome(options=options, service=Service(driver))
     drv.set_page_load_timeout(60)
+    return drv, profile
+
+
+@pytest.fixture(scope="module")
+def browser():
+    drv, profile = _start_browser()
+    yield drv
+    drv.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def other_browser():
+    """A second browser profile: another user of the same app."""
+    drv, profile = _start_browser()
     yield drv
     drv.quit()
     shutil.rmtree(profile, ignore_errors=True)
@@ -72,10 +86,11 @@ def _free_port():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """`diffutoon ui --demo-models` (its options parsed by the CLI, then `ui.serve`), on 127.0.0.1 only, with its
+    """`diffutoon ui --demo-models` (its options parsed by the CLI, then `webapp.page.serve`), on 127.0.0.1 only, with its
     own data folder; in this process, so that the models' libraries are imported once for the whole suite."""
     pytest.importorskip("gradio")
-    from diffutoon import cli, ui
+    from diffutoon import cli
+    from diffutoon.webapp import page as ui
 
     tmp = tmp_path_factory.mktemp("ui")
     port = _free_port()
@@ -121,7 +136,35 @@ new MutationObserver(record).observe(document.getElementById('dt-status'),
 """
 
 
-def test_page_renders_a_clip_and_shows_errors(browser, server, tmp_path, capfd):
+def _set(drv, elem_id, value):
+    """Type a value into a Number / Textbox / Slider's box of the page, as a user does (then leave the field)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    box = drv.find_element(By.CSS_SELECTOR, f"#{elem_id} input[type=number], #{elem_id} textarea, "
+                                            f"#{elem_id} input[type=text]")
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(Keys.DELETE)
+    box.send_keys(str(value))
+    box.send_keys(Keys.TAB)
+    time.sleep(0.3)
+
+
+def _status(drv):
+    return drv.execute_script("const p = document.getElementById('dt-progress'); return p ? {...p.dataset} : {}")
+
+
+def _get(url, cookie=None):
+    """(status, body) of a plain HTTP request, with or without the session's cookie."""
+    request = urllib.request.Request(url, headers={"Cookie": cookie} if cookie else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, b""
+
+
+def test_page_renders_a_clip_and_shows_errors(browser, other_browser, server, tmp_path, capfd):
     from selenium.webdriver.common.by import By
 
     from diffutoon import cli
@@ -142,23 +185,25 @@ def test_page_renders_a_clip_and_shows_errors(browser, server, tmp_path, capfd):
     assert shown[0].text.strip() == cli_line
     assert cli_line == "cannot read notes.txt as a video (truncated, corrupt or not a video file)"
 
-    # a short clip with sound, rendered with the tiny models
+    # a short clip with sound, rendered with the tiny models; a prompt of ours, to see it restored later
     drv.refresh()
     clip = vio.make_demo_clip(tmp_path / "clip.mp4", CLIP_FRAMES, CLIP_SIZE, CLIP_SIZE, CLIP_FPS, overwrite=True)
     _file_input(drv).send_keys(str(clip))
     info = _wait(lambda: "Selected" in _text(drv, "dt-info") and _text(drv, "dt-info"), what="the video's details")
     assert f"{CLIP_FRAMES} frames" in info and "with sound" in info
     assert _text(drv, "dt-message") == ""
+    _wait(lambda: drv.find_elements(By.CSS_SELECTOR, "#dt-input video"), what="the player of the upload")
+    _set(drv, "dt-prompt", "a cat in the rain")
     drv.execute_script(RECORD_PROGRESS)
     drv.find_element(By.ID, "dt-render").click()
 
     duration = _wait(lambda: drv.execute_script(
-        "const v = document.querySelector('#dt-result video');"
+        "const v = document.querySelector('#dt-after video');"
         "return v && v.readyState >= 1 && isFinite(v.duration) ? v.duration : null"), timeout=300, what="the result")
     log = drv.execute_script("return window.__progress")
     assert abs(duration - CLIP_FRAMES / CLIP_FPS) <= 1 / CLIP_FPS, duration
 
-    # the progress moved, as the pipeline reported it: its conditions, then window after window
+    # the progress moved, as the pipeline reported it: its conditions, then window after window, never backwards
     assert log[-1]["state"] == "done", log[-1]
     stages = [e.get("stage") for e in log]
     assert "conditions" in stages and "denoising" in stages
@@ -168,21 +213,71 @@ def test_page_renders_a_clip_and_shows_errors(browser, server, tmp_path, capfd):
     fractions = [float(e["fraction"]) for e in log if "fraction" in e]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
     assert "Done in" in _text(drv, "dt-status")
+    # screen readers: the status is announced, the bar has a name
+    assert drv.find_element(By.CSS_SELECTOR, "#dt-progress").get_attribute("role") == "status"
+    assert drv.find_element(By.CSS_SELECTOR, "#dt-progress").get_attribute("aria-live") == "polite"
+    assert drv.find_element(By.CSS_SELECTOR, "#dt-progress progress").get_attribute("aria-label") == "Render progress"
+    # before and after, labelled, side by side; the download; the condition frames
+    assert _text(drv, "dt-before").startswith("Before: clip.mp4") and _text(drv, "dt-after").startswith("After:")
+    assert drv.find_element(By.CSS_SELECTOR, "#dt-before video").is_displayed()
     assert drv.find_element(By.ID, "dt-download").is_displayed()
-    assert len(drv.find_elements(By.CSS_SELECTOR, "#dt-previews img")) >= 1  # the condition frames
+    assert len(drv.find_elements(By.CSS_SELECTOR, "#dt-previews img")) >= 1
 
-    # the result is served at an unguessable URL, never by its path in the data folder
-    src = drv.execute_script("return document.querySelector('#dt-result video').src")
-    assert urllib.request.urlopen(src, timeout=10).status == 200
+    # the result is this session's: 200 with its cookie, 403 without, 404 for another browser profile; never
+    # served by its path in the data folder
+    src = drv.execute_script("return document.querySelector('#dt-after video').src")
+    preview = drv.execute_script("return document.querySelector('#dt-previews img').src")
+    cookie = f"diffutoon_session={drv.get_cookie('diffutoon_session')['value']}"
     outputs = list((tmp / "data" / "sessions").glob("*/*/result.mp4"))
     assert len(outputs) == 1
-    with pytest.raises(urllib.error.HTTPError) as e:
-        urllib.request.urlopen(f"{url}gradio_api/file={outputs[0]}", timeout=10)
-    assert e.value.code == 403
+    assert _get(src, cookie) == (200, outputs[0].read_bytes())
+    assert _get(preview, cookie)[0] == 200
+    assert _get(src)[0] == 403 and _get(preview)[0] == 403
+    other_browser.get(url)
+    _wait(lambda: other_browser.get_cookie("diffutoon_session"), what="the other profile's session")
+    other = f"diffutoon_session={other_browser.get_cookie('diffutoon_session')['value']}"
+    assert other != cookie and _get(src, other)[0] == 404 and _get(preview, other)[0] == 404
+    assert other_browser.execute_script(
+        "return fetch(arguments[0]).then(r => r.status)", src) == 404  # the other profile's own browser
+    assert _get(f"{url}gradio_api/file={outputs[0]}", cookie)[0] == 403
+    assert not list(Path(tempfile.gettempdir()).glob("gradio/*/result.mp4"))  # nothing in Gradio's shared cache
+
+    # a refused Render after a finished one: the message stays, the old result is marked as the previous one
+    _set(drv, "dt-start", 1)
+    _set(drv, "dt-end", 0.5)
+    drv.find_element(By.ID, "dt-render").click()
+    message = _wait(lambda: _text(drv, "dt-message"), what="the refusal")
+    assert "Start/End" in message
+    time.sleep(1.5)
+    assert _text(drv, "dt-message") == message
+    assert "Previous result" in _text(drv, "dt-result")
+    # a number out of its range: the app's one line with the field's label, no Gradio toast
+    _set(drv, "dt-start", 0)
+    _set(drv, "dt-end", 0)
+    _set(drv, "dt-every-nth", 0)
+    drv.find_element(By.ID, "dt-render").click()
+    _wait(lambda: "Every n-th frame" in _text(drv, "dt-message"), what="the range message")
+    assert _text(drv, "dt-message") == "Every n-th frame: must be at least 1, got 0"
+    assert not drv.find_elements(By.CSS_SELECTOR, ".toast-body")
+
+    # a reload: the form shows the job's video and settings; "Your renders" lists it with its thumbnail
+    drv.refresh()
+    _wait(lambda: drv.find_elements(By.CSS_SELECTOR, "#dt-input video"), what="the restored video")
+    _wait(lambda: drv.execute_script("return document.querySelector('#dt-prompt textarea').value")
+          == "a cat in the rain", what="the restored prompt")
+    job = _status(drv).get("job") or _wait(lambda: _status(drv).get("job"), what="the job")
+    row = _wait(lambda: drv.find_elements(By.CSS_SELECTOR, f"#dt-render-{job}"), what="Your renders")[0]
+    assert "clip.mp4" in row.text and "done" in row.text and "Download" in row.text
+    assert row.find_elements(By.CSS_SELECTOR, "img") and row.find_elements(By.CSS_SELECTOR, ".dt-delete-row")
 
     shot = os.environ.get("DIFFUTOON_UI_SCREENSHOT")
     if shot:
         _screenshot(drv, shot)
+
+    # Delete: the row goes, and so do the files
+    row.find_element(By.CSS_SELECTOR, ".dt-delete-row").click()
+    _wait(lambda: not drv.find_elements(By.CSS_SELECTOR, f"#dt-render-{job}"), what="the row to go")
+    assert _get(src, cookie)[0] == 404 and not outputs[0].exists()
 
 
 def _screenshot(drv, path):
