@@ -1291,7 +1291,8 @@ class DiffutoonPipeline(
             image_embeds = style_embeds(self, ip_adapter_image, ip_adapter_image_embeds, self._execution_device)
             if edit_prompt is not None:
                 edit_settings["ip_adapter_image_embeds"] = image_embeds
-                edit_settings.setdefault("cross_attention_kwargs", cross_attention_kwargs)  # LoRA scales: both passes
+                if (edit_kwargs or {}).get("cross_attention_kwargs") is None:  # LoRA scales: both passes
+                    edit_settings["cross_attention_kwargs"] = cross_attention_kwargs
                 edit_settings["long_prompt"] = (edit_kwargs or {}).get("long_prompt", long_prompt)
                 color_video = self._edit_pass(run, source, edit_prompt, negative_prompt, generator, **edit_settings)
                 if color_video is None:

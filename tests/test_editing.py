@@ -161,3 +161,23 @@ def test_editing_errors_before_any_model_runs(tiny_pipe, edit_pipe):
         edit_pipe(video=video, prompt="a", edit_prompt="night", edit_kwargs={"height": 30})
     with pytest.raises(ValueError, match="either"):
         edit_pipe(video=video, prompt="a", edit_prompt="night", color_video=video)
+
+
+def test_cross_attention_kwargs_reach_the_editing_branch(edit_pipe, monkeypatch):
+    """LoRA scales (`cross_attention_kwargs={"scale": s}`) apply to both passes unless `edit_kwargs` sets its own."""
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def edit_pass(self, run, source, edit_prompt, negative_prompt, generator, **settings):
+        seen.append(settings["cross_attention_kwargs"])
+        raise Stop
+
+    monkeypatch.setattr(type(edit_pipe), "_edit_pass", edit_pass)
+    for edit_kwargs, expected in [(EDIT_KWARGS, {"scale": 0.3}),
+                                  (dict(EDIT_KWARGS, cross_attention_kwargs={"scale": 0.9}), {"scale": 0.9})]:
+        with pytest.raises(Stop):
+            render(edit_pipe, make_video(N, SIZE), edit_prompt="blue sky", edit_kwargs=edit_kwargs,
+                   cross_attention_kwargs={"scale": 0.3})
+    assert seen == [{"scale": 0.3}, {"scale": 0.9}]
