@@ -21,7 +21,6 @@ import os
 import subprocess
 import sys
 import time
-import weakref
 
 import torch
 
@@ -100,32 +99,7 @@ def run_layer(layer, tokens):
                 print(f"RESULT {layer} {n} {impl} {peak / 2**20:.1f} {dt:.3f}", flush=True)
 
 
-class LiveTensorBytes(torch.utils._python_dispatch.TorchDispatchMode):
-    """Peak of the bytes held by live tensor storages created inside the mode (views and in-place ops are free)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self.seen = set()
-
-    def _free(self, n, key):
-        self.live -= n
-        self.seen.discard(key)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        outs = out if isinstance(out, (tuple, list)) else (out,)
-        for ret, o in zip(func._schema.returns, outs):
-            if isinstance(o, torch.Tensor) and ret.alias_info is None:
-                storage = o.untyped_storage()
-                if id(storage) in self.seen:
-                    continue
-                n = storage.nbytes()
-                self.seen.add(id(storage))
-                self.live += n
-                self.peak = max(self.peak, self.live)
-                weakref.finalize(storage, self._free, n, id(storage))
-        return out
+from diffutoon.memory import LiveTensorBytes  # noqa: E402  (the estimator's own meter)
 
 
 def sd_vae(device):
