@@ -1244,6 +1244,8 @@ class DiffutoonPipeline(
         height, width = source.height if height is None else height, source.width if width is None else width
         if motion_groupnorm not in ("per_frame", "diffusers"):
             raise ValueError(f"motion_groupnorm must be 'per_frame' or 'diffusers', got {motion_groupnorm!r}.")
+        if self.scheduler is None:  # e.g. saved and reloaded with optional components None: None is the reference DDIM
+            self.scheduler = DiffutoonDDIMScheduler()
         # The sampler: the pipeline's, or a fast preset's with its steps and guidance (diffutoon/fast.py)
         scheduler, num_inference_steps, guidance_scale, generator = fast_settings(
             self.scheduler, self.config.get("motion_adapter_kind"), fast_mode, num_inference_steps, guidance_scale,
@@ -1253,8 +1255,6 @@ class DiffutoonPipeline(
         # 1. Check inputs before any model runs
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs  # diffusers' callback objects
-        if self.scheduler is None:  # e.g. saved and reloaded with optional components None: None is the reference DDIM
-            self.scheduler = DiffutoonDDIMScheduler()
         self.check_inputs(source, prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
                           context_length, context_stride, controlnet_conditioning_scale, conditioning_frames, strength,
                           output_type, callback_on_step_end_tensor_inputs, latents, clip_skip, decode_chunk_size)
