@@ -1338,7 +1338,7 @@ class DiffutoonPipeline(
                 return self._interrupted(run, return_dict)
 
             # 9. Decode a chunk of frames at a time, into memory or straight into the output file; the quality report
-            quality = self._quality_report(run, cond.windows, len(source), output_type, output_path)
+            quality = self._quality_report(run, cond.windows, len(source), output_type, output_path, scene_cuts)
             frames = self._output(run, latents, output_type, output_path, fps, source, decode_chunk_size, overwrite,
                                   quality)
             report = self._publish_report(run, quality)
@@ -1581,14 +1581,14 @@ class DiffutoonPipeline(
                          progress=not getattr(self, "_progress_bar_config", {}).get("disable", False), total=n)
         return None
 
-    def _quality_report(self, run, windows, num_frames: int, output_type: str, output_path):
+    def _quality_report(self, run, windows, num_frames: int, output_type: str, output_path, scene_cuts=None):
         """The quality report's accumulator (diffutoon/report.py) when someone will read it (a render folder, a progress
         callback, an output file) and this process has the frames; None without the project's report module (cv2)."""
         wanted = getattr(run, "path", None) is not None or run.progress_callback is not None or output_path is not None
         if not wanted or output_type == "latent" or process_rank(run.group):
             return None
         try:
-            return _import("diffutoon.report", "The quality report").QualityReport(windows, num_frames)
+            return _import("diffutoon.report", "The quality report").QualityReport(windows, num_frames, scene_cuts)
         except ImportError as error:
             logger.info(f"no quality report: {error}")
             return None

@@ -5,6 +5,7 @@
   pairs): low means the output moves with the source, high means flicker;
 - `seam_score`: the mean warping error of the frame pairs that straddle a sliding-window boundary (a window begins or
   ends between them) over that of the pairs inside the same windows: 1.0 means no visible window seams;
+  pairs that straddle a scene cut are left out of both scores (the source's flow means nothing across a cut);
 - `pixel_mae`: the mean absolute difference from the source, 0..255 (the paper's Pixel-MSE, Table 2).
 
 `QualityReport` takes the frames a chunk at a time (as the output is written), holding one frame of each video between
@@ -47,8 +48,9 @@ def pair_warping_error(frame, next_frame, guide_grey, next_guide_grey) -> float:
 class QualityReport:
     """Accumulates the report over uint8 (n, H, W, 3) chunks of the output and the source, in frame order."""
 
-    def __init__(self, windows: list[tuple[int, int]], num_frames: int):
+    def __init__(self, windows: list[tuple[int, int]], num_frames: int, scene_cuts=()):
         self.straddles = boundary_pairs(windows, num_frames)
+        self.kept = [i + 1 not in set(scene_cuts or ()) for i in range(num_frames - 1)]  # pairs not across a cut
         self.errors: list[float] = []
         self.abs_sum, self.values = 0.0, 0
         self._last = None  # (output frame, source grey) of the previous chunk's last frame
@@ -73,14 +75,15 @@ class QualityReport:
 
     def result(self, folder=None) -> dict:
         """The report; also written (durably) as `folder/report.json` when a folder is given."""
-        errors = np.array(self.errors)
-        straddles = np.array(self.straddles[: len(errors)], bool)
+        kept = np.array(self.kept[: len(self.errors)], bool)
+        errors = np.array(self.errors)[kept]
+        straddles = np.array(self.straddles[: len(kept)], bool)[kept]
         seam = errors[straddles].mean() / errors[~straddles].mean() \
             if straddles.any() and (~straddles).any() and errors[~straddles].mean() > 0 else None
         report = {"warping_error": float(errors.mean()) if len(errors) else None,
                 "seam_score": None if seam is None else float(seam),
                 "pixel_mae": self.abs_sum / self.values if self.values else None,
-                "frames": len(errors) + (self._last is not None), "seam_pairs": int(straddles.sum()),
+                "frames": len(self.errors) + (self._last is not None), "seam_pairs": int(straddles.sum()),
                 "inside_pairs": int((~straddles).sum())}
         if folder is not None:
             from diffutoon.render_folder import atomic_write_json
@@ -89,9 +92,9 @@ class QualityReport:
         return report
 
 
-def quality_report(frames, source, windows) -> dict:
-    """The report of whole uint8 videos (N, H, W, 3) rendered with sliding `windows`."""
-    report = QualityReport(windows, len(frames))
+def quality_report(frames, source, windows, scene_cuts=()) -> dict:
+    """The report of whole uint8 videos (N, H, W, 3) rendered with sliding `windows` (and shots cut at `scene_cuts`)."""
+    report = QualityReport(windows, len(frames), scene_cuts)
     report.add(frames, source)
     return report.result()
 

@@ -260,8 +260,8 @@ def test_a_killed_render_resumes_from_its_work_dir_with_the_same_frames(tmp_path
     ("resuming ... at step k of n") and writes what an uninterrupted render writes; a changed prompt is refused in
     one line; --fresh starts over; the work dir goes once the output is written."""
     env = offline_env(tmp_path)
-    clip = vio.make_demo_clip(tmp_path / "in.mp4", num_frames=16, height=64, width=64, fps=8)
-    demo = ["demo", "--input", str(clip), "--steps", "3", "-q"]
+    clip = vio.make_demo_clip(tmp_path / "in.mp4", num_frames=8, height=32, width=32, fps=8)
+    demo = ["demo", "--input", str(clip), "--steps", "3", "--height", "32", "--width", "32", "-q"]
     assert run_cli([*demo, "-o", str(tmp_path / "ref"), "--in-memory"], env).returncode == 0
     work, out = tmp_path / "work", tmp_path / "frames"
     argv = [*demo, "-o", str(out), "--work-dir", str(work)]

@@ -184,6 +184,13 @@ def test_the_quality_report_against_fastblend_metrics_and_by_hand():
     assert got["pixel_mae"] == pytest.approx(np.abs(frames.astype(float) - source).mean(), rel=1e-12)
     assert (got["frames"], got["seam_pairs"], got["inside_pairs"]) == (9, 4, 4)
     assert "seam score" in report.summary(got)
+    # shots cut at frame 4 (windows (0, 4), (4, 8), (5, 9) per shot): the pair (3, 4) counts nowhere
+    cut = report.quality_report(frames, source, [(0, 4), (4, 8), (5, 9)], scene_cuts=[4])
+    seams, inside = [4, 7], [0, 1, 2, 5, 6]
+    assert cut["warping_error"] == pytest.approx(np.mean([pairs[i] for i in seams + inside]), rel=1e-6)
+    assert cut["seam_score"] == pytest.approx(np.mean([pairs[i] for i in seams]) / np.mean([pairs[i] for i in inside]),
+                                              rel=1e-6)
+    assert (cut["seam_pairs"], cut["inside_pairs"]) == (2, 5)
 
 
 def test_the_preview_estimate_and_colours_match_independent_computations():
