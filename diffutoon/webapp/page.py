@@ -452,7 +452,10 @@ def build_app(manager):
                     if job.preview_version != seen_previews or first:
                         seen_previews = job.preview_version
                         preview_update = previews_html(manager, job)
-                    result_update = result_html(job) if job.status != seen_status else gr.skip()
+                    # a job that has ended is on screen already (drawn by load / Show / a refused Render, which
+                    # marks it as the previous result): only a change of state draws it again
+                    changed = job.status != seen_status and not (first and terminal)
+                    result_update = result_html(job) if changed else gr.skip()
                     list_update = time.time() if job.status != seen_status else gr.skip()
                     seen_status = job.status
                     yield (status_html(job, manager.place(job), wait=manager.wait_seconds(job)), preview_update,
@@ -499,8 +502,7 @@ def private_files(manager):
 
     fastapi_app = App()
 
-    @fastapi_app.get(f"/{FILE_ROUTE}/{{key}}/{{name:path}}")
-    def session_file(key: str, name: str, request: Request):
+    def session_file(key, name, request):
         token = request.cookies.get(COOKIE)
         if not token:
             return PlainTextResponse("this file belongs to a session: open the page first", status_code=403)
@@ -508,6 +510,11 @@ def private_files(manager):
         if path is None:
             return PlainTextResponse("not found", status_code=404)
         return FileResponse(path, headers={"Cache-Control": "private, no-store"})
+
+    # real classes, not this module's postponed (string) annotations: FastAPI resolves strings in the module's
+    # globals, where Request is not, and would take `request` for a query parameter (422)
+    session_file.__annotations__ = {"key": str, "name": str, "request": Request}
+    fastapi_app.get(f"/{FILE_ROUTE}/{{key}}/{{name:path}}")(session_file)
 
     return fastapi_app
 
