@@ -359,15 +359,67 @@ def test_loras_and_embeddings_apply_to_one_render_only(manager, clip, tmp_path):
     np.testing.assert_array_equal(outputs[0], outputs[2])  # and left nothing behind
 
 
-def test_a_broken_lora_fails_its_job_in_one_line(manager, clip, tmp_path):
-    (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
+def test_a_broken_lora_or_embedding_is_refused_in_one_line_naming_the_file(models, clip, tmp_path):
+    """Refused when Render is pressed (nothing queued): one line naming the file and what it is not, no library
+    internals (safetensors' SafetensorError, diffusers' OSError with server paths)."""
+    from safetensors.torch import save_file
+
+    manager = JobManager(models, tmp_path / "data", log=lambda msg: None)  # not started: nothing renders
     token = manager.new_token()
-    job = manager.submit(token, clip, small(), loras=[tmp_path / "broken.safetensors"])
-    assert manager.wait(job, TIMEOUT) == "failed"
-    assert job.message.startswith("could not load the LoRA broken.safetensors: ") and "\n" not in job.message
-    assert str(tmp_path) not in job.message and str(manager.data_dir) not in job.message
-    job = manager.submit(token, clip, small())
-    assert manager.wait(job, TIMEOUT) == "done"
+    (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
+    (tmp_path / "broken.pt").write_bytes(b"not a pickle")
+    save_file({"unet.conv_in.weight": torch.zeros(2, 2)}, tmp_path / "checkpoint.safetensors")
+    cases = [("loras", "broken.safetensors", "LoRA broken.safetensors: this is not a LoRA: "),
+             ("embeddings", "broken.safetensors", "Textual inversion broken.safetensors: this is not a textual "
+                                                  "inversion (embedding): "),
+             ("embeddings", "broken.pt", "Textual inversion broken.pt: this is not a textual inversion (embedding): "),
+             ("loras", "checkpoint.safetensors", "LoRA checkpoint.safetensors: this is not a LoRA: it holds no LoRA "
+                                                 "weights")]
+    for kind, name, expected in cases:
+        with pytest.raises(UIError) as e:
+            manager.submit(token, clip, small(), **{kind: [tmp_path / name]})
+        message = str(e.value)
+        assert message.startswith(expected) and "\n" not in message, message
+        assert "Safetensor" not in message and "Error" not in message and str(tmp_path) not in message
+    assert manager.jobs(token) == []
+
+
+def test_the_pipelines_live_keys_reach_the_page(models, tmp_path):
+    """A progress dict with the pipeline's extra keys (issues 17-19) through the adapter: the page shows the live
+    preview under the bar with its step, the memory plan, the scene cuts, and at the end the quality report."""
+    from html import escape
+
+    from diffutoon.report import summary
+    from diffutoon.webapp.jobs import Job
+    from diffutoon.webapp.progress import ProgressAdapter
+
+    manager = JobManager(models, tmp_path / "data", log=lambda msg: None)  # not started
+    folder = tmp_path / "data" / "sessions" / "s" / "20260101-000000-abcdef"
+    (folder / "render" / "previews").mkdir(parents=True)
+    job = Job("20260101-000000-abcdef", "s", folder, "clip.mp4", vars(small()), status="running")
+    preview = folder / "render" / "previews" / "latest.png"
+    preview.write_bytes(b"png")
+    adapter = ProgressAdapter(job, types.SimpleNamespace(_interrupt=False), lambda j: None, FRAMES, 3)
+    report = {"warping_error": 12.5, "seam_score": 1.02, "pixel_mae": 30.0}
+    adapter.callback({"stage": "denoising", "step": 0, "steps": 2, "window": 3, "windows": 3, "done": 3, "total": 6,
+                      "preview": str(preview), "preview_step": 1, "preview_steps": 2, "scene_cuts": [3, 6],
+                      "memory_plan": "32x32, 1.0 GB free: nothing to save: 0.1 GB estimated"})
+    assert manager.live_preview_file(job) == "render/previews/latest.png"  # served from the job's folder
+    html = status_html(job, preview="diffutoon/file/x/render/previews/latest.png?v=1")
+    assert "Drawing: step 2 of 2, window 1 of 3" in html
+    assert "Memory: 32x32, 1.0 GB free: nothing to save: 0.1 GB estimated" in html
+    assert "Scene cuts at frames 3, 6: 3 shots, each rendered on its own." in html
+    assert re.search(r'<figure class="dt-live" id="dt-live"><img src="diffutoon/file/x/render/previews/latest.png'
+                     r'\?v=1" alt="Live preview after step 1 of 2">', html)
+    assert escape(summary(report)) not in html
+    adapter.callback({"stage": "done", "report": report, "scene_cuts": []})  # keys kept until the pipeline says otherwise
+    job.status = "done"
+    html = status_html(job, preview="diffutoon/file/x/render/previews/latest.png?v=1")
+    assert escape(summary(report)) in html and "Scene cuts: none found, one shot." in html and "Memory: 32x32" in html
+    assert "dt-live" not in html  # the preview is for a running render; the result is the video
+    job.dir.joinpath("job.json").parent.mkdir(parents=True, exist_ok=True)
+    job.save()
+    assert Job.load(job.dir).live["report"] == report  # kept for the page after a reload
 
 
 def test_editing_prompt_runs_the_editing_branch_with_its_progress_and_colour_preview(manager, clip):

@@ -41,6 +41,8 @@ CSS = """
 #dt-progress .dt-stage { font-size: 1.05em; margin-bottom: 6px; }
 #dt-progress progress { width: 100%; height: 14px; }
 #dt-progress .dt-note { color: #666; font-size: 0.9em; margin-top: 4px; }
+#dt-progress .dt-live { margin: 6px 0 0 0; }
+#dt-progress .dt-live img, #dt-progress .dt-live video { max-width: 100%; max-height: 160px; background: #111; }
 #dt-message .dt-error { margin: 6px 0; }
 .dt-compare { display: flex; gap: 10px; flex-wrap: wrap; }
 .dt-compare figure { flex: 1 1 45%; margin: 0; min-width: 220px; }
@@ -137,15 +139,10 @@ def result_html(job, previous=False):
 
 
 def previews_html(manager, job):
-    """The condition frames as they are made, and the pipeline's own live preview when it gives one."""
+    """The condition frames as they are made (the pipeline's live preview is under the progress bar)."""
     if job is None:
         return ""
     items = [(name, caption, "img") for name, caption in manager.preview_files(job)]
-    live = manager.live_preview_file(job)
-    if live:
-        step = job.live.get("preview_step")
-        caption = f"Live preview, step {step}" if step is not None else "Live preview"
-        items.append((live, caption, "video" if Path(live).suffix.lower() in (".mp4", ".webm", ".mov") else "img"))
     if not items:
         return ""
     figures = []
@@ -432,6 +429,10 @@ def build_app(manager):
                 return jid, _error_html(str(e))
             return job.id, ""
 
+        def live_url(job):
+            live = manager.live_preview_file(job)
+            return _url(job.id, live, job.live.get("preview_step", "")) if live else None
+
         async def watch(tok, jid):
             """Follow a job until it ends: every change of its progress, place in line or previews. It never
             touches the message: that belongs to the last action, and stays until the next one."""
@@ -458,7 +459,8 @@ def build_app(manager):
                     result_update = result_html(job) if changed else gr.skip()
                     list_update = time.time() if job.status != seen_status else gr.skip()
                     seen_status = job.status
-                    yield (status_html(job, manager.place(job), wait=manager.wait_seconds(job)), preview_update,
+                    yield (status_html(job, manager.place(job), wait=manager.wait_seconds(job),
+                                       preview=live_url(job)), preview_update,
                            result_update, gr.update(interactive=terminal),
                            gr.update(interactive=job.status in ("queued", "running")),
                            gr.update(visible=job.status in ("cancelled", "failed")), list_update)

@@ -110,7 +110,7 @@ class _RecordingDetector:
 # ---------------------------------------------------------------------------------------------- progress
 # what the pipeline may add to its progress dict, kept until it says otherwise: the path of its latest preview
 # (image or video) and the step it shows, its memory plan (one line) and, at the end, its quality report (a dict)
-LIVE_KEYS = ("preview", "preview_step", "memory_plan", "report")
+LIVE_KEYS = ("preview", "preview_step", "preview_steps", "memory_plan", "report", "scene_cuts")
 _BAR_STAGES = (("editing branch", "edit"), ("denoising", "denoising"), ("decoding", "decoding"),
                ("lineart", "conditions"), ("softedge", "conditions"), ("depth", "conditions"))
 
@@ -273,14 +273,39 @@ def _drawing(p):
 
 
 def _report_html(report, escape):
-    rows = "".join(f"<tr><th scope=\"row\">{escape(str(k))}</th><td>{escape(f'{v:.4g}' if isinstance(v, float) else str(v))}"
-                   f"</td></tr>" for k, v in report.items())
-    return f'<table class="dt-report" aria-label="Quality report"><caption>Quality report</caption>{rows}</table>'
+    """The quality report at the end, in the CLI's words (diffutoon/report.py's summary line)."""
+    from ..report import summary
+
+    return f'<div class="dt-note dt-report" aria-label="Quality report">{escape(summary(report))}</div>'
 
 
-def status_html(job, place=(0, 0), escape=html.escape, wait=None):
+def _cuts_text(cuts):
+    """The scene cuts the render used (rendered frame indices), in a few words."""
+    if not cuts:
+        return "Scene cuts: none found, one shot."
+    shown = ", ".join(str(c) for c in cuts[:12]) + (", \u2026" if len(cuts) > 12 else "")
+    return f"Scene cuts at frames {shown}: {len(cuts) + 1} shots, each rendered on its own."
+
+
+def live_preview_html(src, caption, escape=html.escape):
+    """The pipeline's latest preview under the progress bar (an image, or a video for .mp4/.gif previews)."""
+    alt = escape(caption)
+    media = (f'<video src="{src}" autoplay loop muted aria-label="{alt}"></video>'
+             if src.split("?")[0].lower().endswith((".mp4", ".webm", ".mov")) else f'<img src="{src}" alt="{alt}">')
+    return f'<figure class="dt-live" id="dt-live">{media}<figcaption>{alt}</figcaption></figure>'
+
+
+def preview_caption(live):
+    step, steps = live.get("preview_step"), live.get("preview_steps")
+    if step is None:
+        return "Live preview"
+    return f"Live preview after step {step}" + (f" of {steps}" if steps else "")
+
+
+def status_html(job, place=(0, 0), escape=html.escape, wait=None, preview=None):
     """The progress block of the page: words for people (announced by screen readers: role="status"), data-*
-    attributes for scripts and tests. `wait`: the estimated seconds a queued job waits."""
+    attributes for scripts and tests. `wait`: the estimated seconds a queued job waits; `preview`: the URL of the
+    pipeline's latest preview, shown under the bar while the job runs."""
     live = 'role="status" aria-live="polite" aria-atomic="true"'
     if job is None:
         return (f'<div id="dt-progress" data-state="idle" {live}><div class="dt-stage">Upload a video (or use the demo '
@@ -314,8 +339,12 @@ def status_html(job, place=(0, 0), escape=html.escape, wait=None):
     live_ = job.live or {}
     if live_.get("memory_plan"):
         note += f'<div class="dt-note dt-memory">Memory: {escape(str(live_["memory_plan"]))}</div>'
+    if live_.get("scene_cuts") is not None:
+        note += f'<div class="dt-note dt-cuts">{escape(_cuts_text(list(live_["scene_cuts"])))}</div>'
     if state == "done" and isinstance(live_.get("report"), dict) and live_["report"]:
         note += _report_html(live_["report"], escape)
+    if preview and state in ("running", "cancelling"):
+        note += live_preview_html(preview, preview_caption(live_), escape)
     attrs = {"state": state, "stage": stage, "step": p.get("step", 0), "steps": p.get("steps", 0),
              "window": p.get("window", 0), "windows": p.get("windows", 0), "done": p.get("done", 0),
              "total": p.get("total", 0), "events": job.events, "fraction": f"{job.fraction:.4f}", "job": job.id}

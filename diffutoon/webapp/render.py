@@ -123,6 +123,8 @@ class Renderer:
             output = pipe(**kwargs)
         if getattr(output, "interrupted", False) or job.cancel_requested or self._stopping:
             raise _Cancelled()  # the render folder stays; diffusers' "decode the last step" result is dropped
+        if getattr(output, "report", None):  # the quality report, also when the progress dict did not carry it
+            job.live["report"] = output.report
         colors = getattr(output, "color_frames", None)
         if colors is not None and len(colors):
             colors = vio.to_uint8(colors)
