@@ -7,6 +7,7 @@ Sizes: 8 frames of 32x32 at 8 fps (1 s, with sound), 2 steps, windows of 4 with 
 
 import argparse
 import ast
+import inspect
 import json
 import re
 import shutil
@@ -132,33 +133,34 @@ def test_render_job_end_to_end_with_the_pipelines_own_progress(manager, clip, tm
     slot = manager.models.slots[0]
     args = parse_render_args(small().argv(clip))
     frames = vio.read_frames(vio.VideoReader(clip), range(FRAMES), SIZE, SIZE, progress=False)
-    direct = slot.pipe(video=frames, **pipeline_kwargs(args, SIZE, SIZE, slot.detector))
+    direct = slot.pipe(**pipeline_kwargs(args, slot.pipe, frames, slot.detector))
     direct_path = vio.write_video(tmp_path / "direct.mp4", vio.to_uint8(direct.frames[0]), FPS, progress=False)
     np.testing.assert_array_equal(decode(out), decode(direct_path))
 
 
-def test_pipeline_arguments_are_the_clis(clip):
-    """The app maps the settings onto the pipeline exactly as `diffutoon render` does (cli._run_pipeline)."""
-    calls = []
+def test_the_settings_are_the_clis_command_line(clip, tmp_path):
+    """Each control of the page stands for the option of `diffutoon render` (parsed by the CLI's own parser)."""
+    import PIL.Image
 
-    class Recorder:
-        def __call__(self, **kwargs):
-            calls.append(kwargs)
-            return types.SimpleNamespace(frames=[np.zeros((1, 8, 8, 3), np.uint8)])
+    settings = small(edit_prompt="night", seed=5, every_nth=2, fast="lightning-4", max_vram="12GB",
+                     scene_cuts="0.5s, 6", prompt_at="0.5s=night\n\n 6=rain, dusk ", style_scale=0.3,
+                     keyframes=[[0.25, "0-a.png"]], style_image="s.png")
+    (tmp_path / "style").mkdir()
+    PIL.Image.new("RGB", (8, 8)).save(tmp_path / "style" / "s.png")
+    ours = parse_render_args(settings.argv(clip, tmp_path))
+    theirs = cli.build_parser().parse_args(
+        ["render", str(clip), "--start=0s", "--every-nth=2", "--prompt", settings.prompt, "--negative-prompt=",
+         "--edit-prompt", "night", "--edit-steps=2", f"--edit-height={SIZE}", f"--edit-width={SIZE}",
+         f"--height={SIZE}", f"--width={SIZE}", "--resize=crop", f"--short-side={SIZE}", "--context-length=4",
+         "--context-stride=2", "--lineart-scale=0.5", "--tile-scale=0.5", "--seed=5", "--decode-chunk-size=8",
+         "--scene-cuts", "0.5s, 6", "--fast", "lightning-4", "--max-vram", "12GB", "--prompt-at", "0.5s=night",
+         "--prompt-at", "6=rain, dusk", "--keyframe", f"0.25s={tmp_path / 'keyframes' / '0-a.png'}"])
+    assert ours.style_image == tmp_path / "style" / "s.png" and ours.style_scale == 0.3
+    ours.style_image, ours.style_scale = None, 0.6  # (the CLI checks the image file while parsing)
+    assert vars(ours) == vars(theirs)
+    assert (ours.steps, ours.guidance_scale) == (10, 7.0)  # Fast draft: the preset sets them, as `--fast` alone
 
-    for settings in (small(), small(edit_prompt="night", lineart_scale=0.3, tile_scale=0.7, seed=5, every_nth=2)):
-        args = parse_render_args(settings.argv(clip))
-        args.quiet = True
-        frames = np.zeros((4, SIZE, SIZE, 3), np.uint8)
-        cli._run_pipeline(args, Recorder(), frames, "detector", {"detectors": "edit-detectors"})
-        ours = pipeline_kwargs(args, SIZE, SIZE, "detector", {"detectors": "edit-detectors"})
-        theirs = calls.pop()
-        assert theirs.pop("video") is frames
-        assert theirs.pop("generator").initial_seed() == ours.pop("generator").initial_seed() == settings.seed
-        assert theirs == ours
 
-
-# ------------------------------------------------------------------------------------------------ bad input
 def test_bad_uploads_and_settings_give_the_clis_messages(manager, clip, tmp_path, capfd):
     data = clip.read_bytes()
     (tmp_path / "truncated.mp4").write_bytes(data[: len(data) // 2])
@@ -446,6 +448,10 @@ class FakeClip:
     def __len__(self):
         return len(self.indices)
 
+    @property
+    def shape(self):
+        return (len(self.indices), self.height, self.width, 3)
+
     def audio_span(self):
         return self.reader.span(self.indices)
 
@@ -508,6 +514,101 @@ class ContractPipeline:
         if not keep_render_dir:
             shutil.rmtree(folder)
         return types.SimpleNamespace(frames=None, path=output_path, interrupted=False, color_frames=None)
+
+
+class LookPipeline(ContractPipeline):
+    """The stand-in, with the arguments of issues 17-19 recorded, a distilled adapter's config and IP-Adapter calls."""
+
+    config = {"motion_adapter_kind": "lightning-4"}
+
+    def __init__(self):
+        super().__init__()
+        from diffusers import DDIMScheduler
+
+        self.scheduler, self.seen, self.ip_calls = DDIMScheduler(), [], []
+
+    def __call__(self, *, render_dir=None, output_path=None, progress_callback=None, fast_mode=None,
+                 memory_budget=None, scene_cuts=None, keyframes=None, ip_adapter_image=None, **kwargs):
+        self.seen.append(dict(fast_mode=fast_mode, memory_budget=memory_budget, scene_cuts=scene_cuts,
+                              keyframes=keyframes, ip_adapter_image=ip_adapter_image, **kwargs))
+        known = inspect.signature(ContractPipeline.__call__).parameters
+        return super().__call__(render_dir=render_dir, output_path=output_path, progress_callback=progress_callback,
+                                **{k: v for k, v in kwargs.items() if k in known})
+
+    def load_ip_adapter(self, *args, **kwargs):
+        self.ip_calls.append(("load", args, kwargs))
+
+    def set_ip_adapter_scale(self, scale):
+        self.ip_calls.append(("scale", scale))
+
+    def unload_ip_adapter(self):
+        self.ip_calls.append(("unload",))
+
+
+def test_each_control_reaches_the_pipeline_call(clip, tmp_path, monkeypatch):
+    """Fast draft, Max GPU memory, prompts at times, scene cuts, a keyframe and a style image: checked when Render is
+    pressed (the CLI's messages), then passed to the pipeline as `diffutoon render` passes them."""
+    import PIL.Image
+
+    monkeypatch.setattr(vio, "VideoClip", FakeClip, raising=False)
+    pipe = LookPipeline()
+    ip = tmp_path / "ip" / "ip-adapter_sd15.bin"
+    ip.parent.mkdir()
+    ip.write_bytes(b"")  # a local file: loaded from its folder (the stand-in loads nothing)
+    models = Models("real", [Slot("cpu", pipe)], has_edit=False, summary="stand-in", ip_adapter=str(ip))
+    manager = JobManager(models, tmp_path / "data", log=lambda msg: None).start()
+    frame = vio.read_frames(vio.VideoReader(clip), [2], progress=False)[0]
+    PIL.Image.fromarray(255 - frame).save(tmp_path / "painted.png")
+    PIL.Image.fromarray(frame[::2, ::2]).save(tmp_path / "style.png")
+    token = manager.new_token()
+    try:
+        settings = small(fast="auto", max_vram="3GB", prompt_at="0.5s=night\n6=rain", scene_cuts="0.75s",
+                         style_scale=0.3)
+        job = manager.submit(token, clip, settings, keyframes=[(0.25, tmp_path / "painted.png")],
+                             style_image=tmp_path / "style.png")
+        assert manager.wait(job, TIMEOUT) == "done", job.message
+        seen = pipe.seen[0]
+        assert seen["fast_mode"] == "auto" and seen["memory_budget"] == "3GB"
+        assert (seen["num_inference_steps"], seen["guidance_scale"]) == (10, 7.0)  # the preset replaces them
+        assert seen["prompt"] == {0: settings.prompt, 4: "night", 6: "rain"}
+        assert seen["scene_cuts"] == [6] and job.live["scene_cuts"] == [6]
+        assert list(seen["keyframes"]) == [2]
+        np.testing.assert_array_equal(seen["keyframes"][2], 255 - frame)
+        assert np.array_equal(np.asarray(seen["ip_adapter_image"]), frame[::2, ::2])
+        assert pipe.ip_calls == [("load", (str(ip.parent),), {"subfolder": "", "weight_name": ip.name}),
+                                 ("scale", 0.3), ("unload",)]  # for this render only
+        assert job.settings["keyframes"] == [[0.25, "0-painted.png"]] and job.settings["style_image"] == "style.png"
+        assert (job.dir / "keyframes" / "0-painted.png").is_file() and (job.dir / "style" / "style.png").is_file()
+
+        job = manager.submit(token, clip, small())  # all off: none of them (scene cuts: none found)
+        assert manager.wait(job, TIMEOUT) == "done", job.message
+        seen = pipe.seen[1]
+        assert (seen["fast_mode"], seen["memory_budget"], seen["keyframes"], seen["ip_adapter_image"]) == (None,) * 4
+        assert seen["scene_cuts"] == [] and seen["prompt"] == small().prompt and len(pipe.ip_calls) == 3
+
+        # refused when Render is pressed, in the CLI's words, and nothing is left in the session
+        for kw, message in [
+                (dict(prompt_at="9s=night"), "Prompts at times 72: outside the rendered frames 0..7 of the input "
+                                             "(Start/End); use Prompt for the prompt at the start"),
+                (dict(prompt_at="night"), "Prompts at times: expected POSITION=PROMPT"),
+                (dict(scene_cuts="soon"), "Scene cuts"),
+                (dict(max_vram="lots"), "Max GPU memory: "),
+                (dict(fast="lcm-4"), "Fast draft 'lcm-4' does not fit this pipeline's motion adapter, "
+                                     "AnimateDiff-Lightning 4-step: use 'lightning-4'")]:
+            with pytest.raises(UIError) as e:
+                manager.submit(token, clip, small(**kw))
+            assert str(e.value).startswith(message), str(e.value)
+        with pytest.raises(UIError, match="Keyframe 5s="):
+            manager.submit(token, clip, small(), keyframes=[(5, tmp_path / "painted.png")])
+        pipe.config = {}  # an ordinary motion adapter: Fast draft is not there; no IP-Adapter: no style image
+        with pytest.raises(UIError, match="Fast draft needs a distilled motion adapter"):
+            manager.submit(token, clip, small(fast="auto"))
+        models.ip_adapter = None
+        with pytest.raises(UIError, match="A style image needs an IP-Adapter"):
+            manager.submit(token, clip, small(), style_image=tmp_path / "style.png")
+        assert len(manager.jobs(token)) == 2 and len(list(job.dir.parent.iterdir())) == 2
+    finally:
+        manager.stop()
 
 
 def test_the_long_render_api_is_used_when_the_pipeline_has_it(clip, tmp_path, monkeypatch):

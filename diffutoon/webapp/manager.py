@@ -24,7 +24,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from .. import cli
@@ -35,8 +35,9 @@ from .jobs import _JOB_ID, _TOKEN, ACTIVE, TERMINAL, Job, VideoInfo, _link_or_co
 from .loading import PipelineFeatures
 from .progress import thumbnail
 from .render import Renderer
-from .settings import (UIError, _duration, default_limits, one_line, open_input, page_defaults, parse_render_args,
-                       safe_name)
+from .settings import (UIError, _duration, default_limits, one_line, open_input, page_defaults, page_message,
+                       parse_render_args, safe_name)
+from . import look
 from .styles import check_style_files
 
 
@@ -188,11 +189,18 @@ class JobManager(SessionFiles, Renderer):
         return VideoInfo(name, reader.fps, reader.num_frames, reader.width, reader.height, reader.has_audio,
                          path.stat().st_size)
 
-    def check(self, input_path, name, settings):
-        """The checks of `diffutoon render`, with its messages: (args, reader, indices, (height, width))."""
+    def check(self, input_path, name, settings, folder=None):
+        """The checks of `diffutoon render`, with its messages: (args, reader, indices, (height, width)). `folder`:
+        where the keyframes/ and style/ files are (default: the input's folder, the job's)."""
         input_path = Path(input_path)
         self.limits.check_size(input_path, name)
-        args = parse_render_args(settings.argv(input_path))
+        files = Path(folder if folder is not None else input_path.parent)
+        paths = {files / "keyframes" / n: n.partition("-")[2] for _, n in settings.keyframes or []}
+        paths.update({files / "style" / settings.style_image: settings.style_image} if settings.style_image else {})
+        try:
+            args = parse_render_args(settings.argv(input_path, folder))
+        except UIError as e:  # the server's paths of the user's files: their names
+            raise UIError(page_message(str(e), paths)) from e
         reader, indices = open_input(args, name)
         self.limits.check_length(reader, name)
         selected = len(reader.frame_indices(indices[0], cli._frame(args.end, reader.fps), 1, None))
@@ -205,11 +213,15 @@ class JobManager(SessionFiles, Renderer):
         if args.edit_prompt and not self.models.has_edit:
             raise UIError("the editing prompt needs the editing ControlNets (softedge, depth), which this app could "
                           "not load: leave Editing prompt empty")
+        look.check(args, reader, indices, *size, self.models.slots[0].pipe, self.models.ip_adapter,
+                   {**paths, input_path: name})
         return args, reader, indices, size
 
-    def submit(self, token, upload, settings, loras=(), embeddings=(), confirmed=False):
+    def submit(self, token, upload, settings, loras=(), embeddings=(), confirmed=False, keyframes=(),
+               style_image=None):
         """Check a render request and queue it as a job of this session; UIError with a one-line message.
-        A render estimated far beyond what this device does in reasonable time raises TooLong unless `confirmed`."""
+        A render estimated far beyond what this device does in reasonable time raises TooLong unless `confirmed`.
+        keyframes: [(seconds, image path)]; style_image: an image path (both copied into the job's folder)."""
         sid = self.session_id(token)
         if not upload:
             raise UIError("upload a video, or press \u201cUse the demo clip\u201d")
@@ -217,22 +229,25 @@ class JobManager(SessionFiles, Renderer):
         name = safe_name(upload.name)
         files = [("LoRA", Path(p)) for p in loras or []] + [("Textual inversion", Path(p)) for p in embeddings or []]
         check_style_files(files)
-        args, reader, indices, (height, width) = self.check(upload, name, settings)
         with self._cond:
             active = [j for j in self._jobs.values() if j.session == sid and j.status in ACTIVE]
         if active:
             raise UIError("you already have a render in line or running: wait for it, or cancel it first")
-        estimate = self.estimate(settings, len(indices), height, width)
-        if estimate and estimate > self.limits.warn_seconds and not confirmed:
-            device = self.models.slots[0].device
-            raise TooLong(f"This render would take about {_duration(estimate)} on this app's {device} (an estimate "
-                          f"from its work: {len(indices)} frames of {width}x{height}, {settings.steps} steps): choose a "
-                          "smaller Width/Height, fewer frames or Steps, or press Render again to start it anyway")
         job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
         folder = self.data_dir / "sessions" / sid / job_id
-        (folder / "loras").mkdir(parents=True)
-        (folder / "embeddings").mkdir()
-        _link_or_copy(upload, folder / name)
+        try:  # the job's folder holds its files from the start; a refused request leaves nothing behind
+            settings = self._stage(folder, upload, name, settings, keyframes, style_image)
+            args, reader, indices, (height, width) = self.check(folder / name, name, settings)
+            estimate = self.estimate(settings, len(indices), height, width)
+            if estimate and estimate > self.limits.warn_seconds and not confirmed:
+                device = self.models.slots[0].device
+                raise TooLong(f"This render would take about {_duration(estimate)} on this app's {device} (an "
+                              f"estimate from its work: {len(indices)} frames of {width}x{height}, {settings.steps} "
+                              "steps): choose a smaller Width/Height, fewer frames or Steps, or press Render again to "
+                              "start it anyway")
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
         lora_names, embedding_names = [], []
         for what, path in files:
             sub, names = ("loras", lora_names) if what == "LoRA" else ("embeddings", embedding_names)
@@ -249,6 +264,21 @@ class JobManager(SessionFiles, Renderer):
         self._register(job)
         self._enqueue(job)
         return job
+
+    @staticmethod
+    def _stage(folder, upload, name, settings, keyframes, style_image):
+        """The job's folder with the video, keyframes/ and style/: the settings naming those files."""
+        for sub in ("loras", "embeddings", "keyframes", "style"):
+            (folder / sub).mkdir(parents=True)
+        _link_or_copy(upload, folder / name)
+        names = []
+        for i, (seconds, path) in enumerate(keyframes or []):
+            names.append([seconds, f"{i}-{safe_name(Path(path).name, 'keyframe.png')}"])
+            _link_or_copy(path, folder / "keyframes" / names[-1][1])
+        style = safe_name(Path(style_image).name, "style.png") if style_image else ""
+        if style:
+            _link_or_copy(style_image, folder / "style" / style)
+        return replace(settings, keyframes=names, style_image=style)
 
     def _enqueue(self, job, note=""):
         with self._cond:

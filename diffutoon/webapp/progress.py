@@ -15,7 +15,7 @@ from .jobs import ACTIVE
 from .settings import _duration
 
 STAGE_WORDS = {
-    "queued": "Waiting in line", "reading": "Reading the video", "conditions": "Making the condition frames",
+    "queued": "Waiting in line", "cuts": "Finding the scene cuts", "reading": "Reading the video", "conditions": "Making the condition frames",
     "edit": "Editing branch: drawing the colour video", "fastblend": "Editing branch: smoothing the colour video",
     "denoising": "Drawing", "decoding": "Decoding the frames", "writing": "Writing the video", "done": "Done",
     "interrupted": "Cancelled",

@@ -14,6 +14,7 @@ from .. import video as vio
 from .loading import PipelineFeatures, _windows, pipeline_kwargs
 from .progress import COLOR_CAPTION, ProgressAdapter, _Cancelled
 from .settings import UIError, one_line
+from . import look
 from .styles import style_files
 
 
@@ -87,11 +88,16 @@ class Renderer:
         span = reader.span(indices, args.every_nth)
         out = job.dir / "result.mp4"
         edit_extra = {"detectors": slot.edit_detectors} if slot.edit_detectors else None
-        kwargs = pipeline_kwargs(args, height, width, adapter.recording(slot.detector), edit_extra)
+        if args.scene_cuts == "auto":
+            adapter.stage("cuts", 0, 0)
+        job.live["scene_cuts"] = look.resolve(args, reader, indices, height, width)  # keyframes, scene cuts
+        if job.cancel_requested:
+            raise _Cancelled()
         pipe._interrupt = False
-        with style_files(pipe, job, self.models.base_loras, settings.lora_scale), cancel_hooks(pipe, job):
-            result = self._call_pipeline(pipe, features, adapter, kwargs, reader, indices, args, height, width, out,
-                                         fps, job)
+        with style_files(pipe, job, self.models.base_loras, settings.lora_scale), cancel_hooks(pipe, job), \
+                look.style_adapter(pipe, args, self.models.ip_adapter):
+            result = self._call_pipeline(pipe, features, adapter, (adapter.recording(slot.detector), edit_extra),
+                                         reader, indices, args, height, width, out, fps, job)
         if result is not None:  # frames: write them at the source's timing with its sound
             adapter.stage("writing", 0, 1)
             vio.write_video(out, result, fps, audio_from=audio, audio_span=span, overwrite=True, progress=False)
@@ -100,23 +106,28 @@ class Renderer:
         job.output = out.name
         adapter.stage("done", 1, 1)
 
-    def _call_pipeline(self, pipe, features, adapter, kwargs, reader, indices, args, height, width, out, fps, job):
+    def _call_pipeline(self, pipe, features, adapter, detectors, reader, indices, args, height, width, out, fps, job):
         """One pipeline call; returns uint8 frames to write, or None when the pipeline wrote `out` itself."""
+        if features.streams_output:  # the pipeline reads, renders and writes (with the source's audio) itself
+            out.unlink(missing_ok=True)
+            video = vio.VideoClip(reader.path, indices=indices, height=height, width=width,
+                                  policy="crop" if args.resize == "short_side" else args.resize)
+            kwargs = pipeline_kwargs(args, pipe, video, *detectors)
+            kwargs.update(output_path=str(out), fps=fps)
+        else:
+            video = self._read(reader, indices, height, width, args.resize, adapter)
+            if not (video.size and len(video)):
+                raise UIError("no frames selected")
+            kwargs = pipeline_kwargs(args, pipe, video, *detectors)
+            kwargs["prompt"] = cli._prompt_schedule(args, indices, reader.fps)  # positions: the source's frames
+            if not args.edit_prompt:  # without the editing branch the tile ControlNet sees the video itself
+                adapter.set_preview("tile", video[0], "Colour (the video)")
+        kwargs.pop("progress_callback", None)  # the CLI's prints the memory plan; the page shows it
+        _supported(kwargs, features)
         if features.render_dir:
             kwargs["render_dir"] = str(job.render_dir)
         if features.progress_callback:
             kwargs["progress_callback"] = adapter.callback
-        if features.streams_output:  # the pipeline reads, renders and writes (with the source's audio) itself
-            out.unlink(missing_ok=True)
-            kwargs["video"] = vio.VideoClip(reader.path, indices=indices, height=height, width=width,
-                                            policy="crop" if args.resize == "short_side" else args.resize)
-            kwargs.update(output_path=str(out), fps=fps)
-        else:
-            kwargs["video"] = self._read(reader, indices, height, width, args.resize, adapter)
-            if not (kwargs["video"].size and len(kwargs["video"])):
-                raise UIError("no frames selected")
-            if not args.edit_prompt:  # without the editing branch the tile ControlNet sees the video itself
-                adapter.set_preview("tile", kwargs["video"][0], "Colour (the video)")
         if not features.progress_callback:
             kwargs["callback_on_step_end"] = adapter.on_step_end
         with adapter.tracking_bars() if not features.progress_callback else contextlib.nullcontext():
@@ -144,6 +155,17 @@ class Renderer:
             if adapter.job.cancel_requested:
                 raise _Cancelled()
         return frames
+
+
+def _supported(kwargs, features):
+    """Drop the arguments of features left off that this version of the pipeline lacks; a feature asked for that it
+    lacks is one line."""
+    if "kwargs" in features.params:
+        return
+    for key in [k for k in kwargs if k not in features.params]:
+        if kwargs[key] not in (None, [], {}, "chunks"):
+            raise UIError(f"this version of the pipeline has no {key}: leave its setting at its default")
+        del kwargs[key]
 
 
 def _edit_window_defaults(pipe):
