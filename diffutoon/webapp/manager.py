@@ -53,6 +53,8 @@ class JobManager(SessionFiles, Renderer):
         self.data_dir = Path(data_dir).expanduser().resolve()
         self.limits = limits or default_limits(models.kind, models.accelerator)
         self.defaults = defaults or page_defaults(models.kind, models.accelerator)
+        if look.fast_choices(models.slots[0].pipe) and not self.defaults.fast:
+            self.defaults = replace(self.defaults, fast="auto")  # a distilled adapter: its preset unless turned off
         self.keep_days = keep_days
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.data_dir.mkdir(parents=True, exist_ok=True)

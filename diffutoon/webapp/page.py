@@ -22,6 +22,7 @@ from .. import cli
 from ..models import CLIError
 from urllib.parse import quote
 
+from . import look, page_look
 from .jobs import ACTIVE, TERMINAL, VideoInfo
 from .loading import load_models
 from .manager import JobManager, TooLong
@@ -57,6 +58,8 @@ CSS = """
 #dt-input video { width: 100%; max-height: 30vh; background: #000; }
 .dt-render-row { border-top: 1px solid #ddd; padding-top: 6px; align-items: center; }
 .dt-render-row img { height: 64px; }
+.dt-picker img, .dt-look-files img { max-height: 120px; }
+.dt-look-files figure { display: inline-block; margin: 0 8px 4px 0; }
 table.dt-report { margin-top: 6px; font-size: 0.9em; }
 table.dt-report th { text-align: left; padding-right: 10px; }
 """
@@ -201,13 +204,16 @@ def build_app(manager):
         def field(name, **extra):
             f = next(f for f in FIELDS if f.name == name)
             value = getattr(d, name) if name != "end" else (d.end or 0)
-            common = dict(label=f.label, value=value, elem_id=f.elem_id, info=f.info or None, **extra)
+            choices = extra.pop("choices", list(f.choices))
+            common = dict(label=f.label, value=value if f.kind != "radio" else value or None, elem_id=f.elem_id,
+                          info=f.info or None)
+            common.update(extra)
             if f.kind in ("number", "int"):  # ranges checked by the app, with the field's label (no Gradio toast)
                 comp = gr.Number(precision=0 if f.kind == "int" else None, **common)
             elif f.kind == "slider":
                 comp = gr.Slider(f.minimum, f.maximum, step=f.step, **common)
             elif f.kind == "radio":
-                comp = gr.Radio(list(f.choices), **common)
+                comp = gr.Radio(choices, **common)
             else:
                 comp = gr.Textbox(lines=f.lines, placeholder=f.placeholder or None, **common)
             controls[name] = comp
@@ -226,6 +232,7 @@ def build_app(manager):
                     with gr.Row():
                         for name in ("start", "end", "every_nth"):
                             field(name)
+                    field("scene_cuts")
                 field("prompt")
                 field("negative_prompt")
                 with gr.Accordion("Editing (optional): recolour or relight", open=False):
@@ -244,6 +251,18 @@ def build_app(manager):
                     with gr.Row():
                         field("lineart_scale"), field("tile_scale")
                     field("seed")
+                with gr.Accordion("Fast draft and memory", open=False):
+                    fast = look.fast_choices(manager.models.slots[0].pipe)
+                    field("fast", choices=fast, visible=bool(fast))
+                    if not fast:
+                        gr.Markdown(f"Fast draft: not available. {look.NO_FAST}", elem_id="dt-fast-missing")
+                    field("max_vram")
+                with gr.Accordion("Direct the look (optional): prompts over time, keyframes, a style image",
+                                  open=False):
+                    field("prompt_at")
+                    extra = page_look.build(gr, manager)
+                    if manager.models.ip_adapter:
+                        field("style_scale")
                 with gr.Accordion("Styles: LoRAs and textual inversions (your files)", open=False):
                     loras = gr.File(label="LoRA files (.safetensors) for SD1.5", file_count="multiple",
                                     type="filepath", elem_id="dt-loras")
@@ -280,7 +299,7 @@ def build_app(manager):
                     gr.HTML(_render_row(job), min_height=0)
                     show = gr.Button("Show", size="sm", min_width=60, elem_classes="dt-show")
                     show.click(on_show(job.id), [token], [job_id, source, input_player, message, result, previews,
-                                                          *settings_inputs], **private).then(
+                                                          *restored], **private).then(
                         watch, [token, job_id], watch_outputs, concurrency_limit=None, **private)
                     if job.status in ("cancelled", "failed"):
                         again = gr.Button("Resume", size="sm", min_width=60, elem_classes="dt-resume-row")
@@ -299,6 +318,7 @@ def build_app(manager):
                        "itself is noise." if demo_models else ""), elem_id="dt-limits")
 
         settings_inputs = [controls[f.name] for f in FIELDS]
+        restored = [*settings_inputs, *extra.times, extra.note]  # what a job puts back in the form
         watch_outputs = [status, previews, result, render, cancel, resume, renders_version]
 
         # -- handlers
@@ -316,20 +336,20 @@ def build_app(manager):
         def restore(tok, job):
             """The form as the job was made: its video in the player, its settings in the controls."""
             return ((job.id, job.input_name), input_html(job.id, job.input_name), result_html(job),
-                    previews_html(manager, job), *form_values(job.settings_obj()))
+                    previews_html(manager, job), *form_values(job.settings_obj()), *page_look.restore(job, _url))
 
         def on_load(tok):
             tok = manager.check_token(tok)
             job = manager.latest(tok)
             if job is None:
-                return (tok, tok, None) + (gr.skip(),) * (4 + len(settings_inputs))
+                return (tok, tok, None) + (gr.skip(),) * (4 + len(restored))
             return (tok, tok, job.id) + restore(tok, job)
 
         def on_show(jid):
             def show(tok):
                 job = manager.job(tok, jid)
                 if job is None:
-                    return (gr.skip(),) * (6 + len(settings_inputs))
+                    return (gr.skip(),) * (6 + len(restored))
                 key, player, res, prev, *values = restore(tok, job)
                 return (job.id, key, player, "", res, prev, *values)
             return show
@@ -389,11 +409,20 @@ def build_app(manager):
         def on_trim(meta, start_, end_, nth_):
             return _describe(meta, start_, end_, nth_)
 
+        def on_pick(tok, src, seconds):
+            try:
+                return page_look.frame_picker(manager, _url, manager.check_token(tok), src, seconds)
+            except Exception:  # noqa: BLE001  a picker that cannot show a frame shows none
+                return ""
+
         def on_demo_clip():
             return manager.serve_copy(manager.demo_clip(), "demo-clip.mp4")
 
-        def on_render(tok, jid, src, path, lora_files, embedding_files, confirmed_, *values):
+        def on_render(tok, jid, src, path, lora_files, embedding_files, confirmed_, style_image, *values):
             tok = manager.check_token(tok)
+            n = page_look.KEYFRAME_SLOTS
+            keyframes, style_image = page_look.inputs(values[:n], values[n:2 * n], style_image)
+            values = values[2 * n:]
 
             def refused(text):  # the message stays; the result on screen is marked as the previous one
                 previous = manager.job(tok, jid) if jid else None
@@ -404,9 +433,9 @@ def build_app(manager):
                 settings = settings_from_form(values, d)
                 video = path or manager.source_path(tok, src)
                 request = repr((str(video), [str(p) for p in lora_files or []], [str(p) for p in embedding_files or []],
-                                settings))
+                                settings, keyframes, style_image))
                 job = manager.submit(tok, video, settings, lora_files or [], embedding_files or [],
-                                     confirmed=confirmed_ == request)
+                                     confirmed=confirmed_ == request, keyframes=keyframes, style_image=style_image)
             except TooLong as e:
                 previous = manager.job(tok, jid) if jid else None
                 return (tok, gr.skip(), _error_html(str(e)), result_html(previous, previous=True) if previous
@@ -470,7 +499,7 @@ def build_app(manager):
                 await asyncio.sleep(0.1)
 
         app.load(on_load, [token], [token, session_box, job_id, source, input_player, result, previews,
-                                    *settings_inputs], **private).then(
+                                    *restored], **private).then(
             None, [session_box], None, js=SET_COOKIE_JS, **private).then(
             watch, [token, job_id], watch_outputs, concurrency_limit=None, **private)
         upload.change(on_upload, [token, upload, controls["start"], controls["end"], controls["every_nth"]],
@@ -479,9 +508,14 @@ def build_app(manager):
             controls[name].change(on_trim, [info_state, controls["start"], controls["end"], controls["every_nth"]],
                                   [info], **private)
         demo_clip.click(on_demo_clip, None, [upload], **private)
+        for time_, picker in zip(extra.times, extra.pickers):  # the frame picker: your video at the keyframe's time
+            time_.change(on_pick, [token, source, time_], [picker], **private)
+        source.change(lambda tok, src, *times: [on_pick(tok, src, t) for t in times], [token, source, *extra.times],
+                      extra.pickers, **private)
         render.click(None, None, None, js=SHOW_STATUS_JS, **private)
         cancel.click(None, None, None, js=SHOW_STATUS_JS, **private)
-        render.click(on_render, [token, job_id, source, upload, loras, embeddings, confirmed, *settings_inputs],
+        render.click(on_render, [token, job_id, source, upload, loras, embeddings, confirmed, extra.style,
+                                 *extra.images, *extra.times, *settings_inputs],
                      [token, job_id, message, result, confirmed], concurrency_limit=4, **private).then(
             watch, [token, job_id], watch_outputs, concurrency_limit=None, **private)
         cancel.click(on_cancel, [token, job_id], [message], **private)

@@ -129,7 +129,8 @@ FIELDS = (
     Field("seed", "Seed", "int", "size", info="Same seed and settings: same result"),
     Field("lora_scale", "LoRA strength", "slider", "style", 0, 2, 0.05),
     # issues 17-19: the choices of Fast draft depend on the app's motion adapter (page.py)
-    Field("fast", "Fast draft", "radio", "size"),
+    Field("fast", "Fast draft", "radio", "size",
+          info="A few-step draft with the app's distilled motion adapter; it sets Steps and Guidance itself"),
     Field("max_vram", "Max GPU memory", "text", "size", placeholder="e.g. 12GB",
           info="Memory the render may use, weights included; empty: the free memory. The plan is shown while it runs"),
     Field("scene_cuts", "Scene cuts", "text", "part", placeholder="auto",
