@@ -194,6 +194,13 @@ def test_page_renders_a_clip_and_shows_errors(browser, other_browser, server, tm
     assert _text(drv, "dt-message") == ""
     _wait(lambda: drv.find_elements(By.CSS_SELECTOR, "#dt-input video"), what="the player of the upload")
     _set(drv, "dt-prompt", "a cat in the rain")
+    # the keyframe's frame picker shows the upload at its time (through the session's private route); the demo
+    # models have no distilled motion adapter: Fast draft says so
+    drv.execute_script("for (const b of document.querySelectorAll('button.label-wrap')) if (['Direct the look', "
+                       "'Fast draft'].some(t => b.textContent.includes(t))) b.click()")
+    _wait(lambda: drv.execute_script("const i = document.querySelector('#dt-keyframe-frame-1 img');"
+                                     "return i && i.complete && i.naturalWidth === 64"), what="the frame picker")
+    assert "Fast draft: not available" in _wait(lambda: _text(drv, "dt-fast-missing"), what="the Fast draft note")
     drv.execute_script(RECORD_PROGRESS)
     drv.find_element(By.ID, "dt-render").click()
 
@@ -222,6 +229,9 @@ def test_page_renders_a_clip_and_shows_errors(browser, other_browser, server, tm
     assert drv.find_element(By.CSS_SELECTOR, "#dt-before video").is_displayed()
     assert drv.find_element(By.ID, "dt-download").is_displayed()
     assert len(drv.find_elements(By.CSS_SELECTOR, "#dt-previews img")) >= 1
+    # what the pipeline reported: the scene cuts it used (none in this clip) and the quality report
+    assert "Scene cuts: none found, one shot." in _text(drv, "dt-status")
+    assert "quality: warping error" in _text(drv, "dt-status")
 
     # the result is this session's: 200 with its cookie, 403 without, 404 for another browser profile; never
     # served by its path in the data folder

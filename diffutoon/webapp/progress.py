@@ -16,14 +16,15 @@ from .settings import _duration
 
 STAGE_WORDS = {
     "queued": "Waiting in line", "cuts": "Finding the scene cuts", "reading": "Reading the video", "conditions": "Making the condition frames",
+    "keyframes": "Spreading your keyframes' colours over the video (FastBlend)",
     "edit": "Editing branch: drawing the colour video", "fastblend": "Editing branch: smoothing the colour video",
     "denoising": "Drawing", "decoding": "Decoding the frames", "writing": "Writing the video", "done": "Done",
     "interrupted": "Cancelled",
 }
 # share of the whole render each stage stands for (an overall bar that only moves forward)
-_STAGE_SHARE = {"reading": 0.02, "conditions": 0.06, "edit": 0.2, "fastblend": 0.04, "denoising": 0.58,
+_STAGE_SHARE = {"reading": 0.02, "conditions": 0.06, "keyframes": 0.1, "edit": 0.2, "fastblend": 0.04, "denoising": 0.58,
                 "decoding": 0.06, "writing": 0.04}
-_STAGE_ORDER = ["reading", "conditions", "edit", "fastblend", "denoising", "decoding", "writing"]
+_STAGE_ORDER = ["reading", "conditions", "keyframes", "edit", "fastblend", "denoising", "decoding", "writing"]
 CONDITION_LABELS = {"lineart": "Lineart", "tile": "Colour", "softedge": "Soft edges", "depth": "Depth"}
 COLOR_CAPTION = "Colour (edited)"  # the editing branch's colour video, the tile ControlNet's input
 
@@ -141,7 +142,8 @@ class ProgressAdapter:
             self.pipe._interrupt = True  # also after the pipeline reset the flag at the start of its call
         job.progress = d
         job.events += 1
-        job.fraction = max(job.fraction, overall_fraction(d, bool(job.settings.get("edit_prompt"))))
+        job.fraction = max(job.fraction, overall_fraction(d, bool(job.settings.get("edit_prompt")),
+                                                          bool(job.settings.get("keyframes"))))
         self.notify(job)
 
     def stage(self, stage, done=0, total=0, **extra):
@@ -231,14 +233,14 @@ class ProgressAdapter:
         return _RecordingDetector(detector, kind, self) if detector is not None else None
 
 
-def overall_fraction(d, edit):
+def overall_fraction(d, edit, keyframes=False):
     """The share of the whole render done at this progress dict (stages weighted by _STAGE_SHARE)."""
     stage = d.get("stage")
     if stage == "done":
         return 1.0
     if stage not in _STAGE_SHARE:
         return 0.0
-    stages = [s for s in _STAGE_ORDER if edit or s not in ("edit", "fastblend")]
+    stages = [s for s in _STAGE_ORDER if (edit or s not in ("edit", "fastblend")) and (keyframes or s != "keyframes")]
     if stage in ("conditions",) and d.get("pass") == "edit" and edit:
         stage = "edit"  # the editing branch's own conditions: counted with it
     shares = [_STAGE_SHARE[s] for s in stages]
@@ -329,7 +331,7 @@ def status_html(job, place=(0, 0), escape=html.escape, wait=None, preview=None):
             text = "Editing branch: making its condition frames"
         if stage in ("denoising", "edit"):
             text += _drawing(p)
-        elif stage in ("reading", "conditions", "decoding") and p.get("total"):
+        elif stage in ("reading", "conditions", "decoding", "keyframes") and p.get("total"):
             text += f": frame {p.get('done', 0)} of {p['total']}"
         eta = p.get("eta_seconds")
         text += f" \u00b7 about {_duration(eta)} left" if eta else " \u00b7 estimating the time left"
