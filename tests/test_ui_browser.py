@@ -290,10 +290,18 @@ def test_page_renders_a_clip_and_shows_errors(browser, other_browser, server, tm
     assert _get(src, cookie)[0] == 404 and not outputs[0].exists()
 
 
-def _screenshot(drv, path):
-    height = drv.execute_script("return Math.max(document.body.scrollHeight, document.documentElement.scrollHeight,"
-                                "  ...[...document.querySelectorAll('.gradio-container')].map(e => e.scrollHeight))")
-    drv.set_window_size(1400, min(max(height + 80, 900), 3000))
+def _screenshot(drv, path, size=(1400, 1494)):
+    """The whole page in the README's screenshot size: the page laid out over the full width and zoomed out to fit."""
+    drv.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {"width": size[0], "height": size[1],
+                                                               "deviceScaleFactor": 1, "mobile": False})
+    drv.execute_script("document.querySelectorAll('.gradio-container, .main, .wrap, .contain').forEach("
+                       "e => e.style.maxWidth = 'none')")
+    for _ in range(3):  # a wider layout is shorter: settle the zoom
+        time.sleep(0.5)
+        height = drv.execute_script("document.body.style.zoom = 1; return Math.max(document.body.scrollHeight, "
+                                    "...[...document.querySelectorAll('.gradio-container')].map(e => e.scrollHeight))")
+        zoom = min(1.0, size[1] / height)
+        drv.execute_script(f"document.body.style.zoom = {zoom:.3f}; window.scrollTo(0, 0)")
     time.sleep(1)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     drv.save_screenshot(str(path))
