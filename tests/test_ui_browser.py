@@ -260,6 +260,8 @@ def test_page_renders_a_clip_and_shows_errors(browser, other_browser, server, tm
     assert "Start/End" in message
     time.sleep(1.5)
     assert _text(drv, "dt-message") == message
+    assert _text(drv, "dt-start").endswith(message)  # also next to the field it is about
+    assert drv.find_element(By.CSS_SELECTOR, "#dt-start input").get_attribute("aria-invalid") == "true"
     assert "Previous result" in _text(drv, "dt-result")
     # a number out of its range: the app's one line with the field's label, no Gradio toast
     _set(drv, "dt-start", 0)
@@ -268,6 +270,9 @@ def test_page_renders_a_clip_and_shows_errors(browser, other_browser, server, tm
     drv.find_element(By.ID, "dt-render").click()
     _wait(lambda: "Every n-th frame" in _text(drv, "dt-message"), what="the range message")
     assert _text(drv, "dt-message") == "Every n-th frame: must be at least 1, got 0"
+    _wait(lambda: _text(drv, "dt-every-nth").endswith("Every n-th frame: must be at least 1, got 0"),
+          what="the message next to its field")
+    assert not drv.find_elements(By.CSS_SELECTOR, "#dt-start .dt-field-error")
     assert not drv.find_elements(By.CSS_SELECTOR, ".toast-body")
 
     # a reload: the form shows the job's video and settings; "Your renders" lists it with its thumbnail

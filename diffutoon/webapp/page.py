@@ -27,7 +27,8 @@ from .jobs import ACTIVE, TERMINAL, VideoInfo
 from .loading import load_models
 from .manager import JobManager, TooLong
 from .progress import status_html
-from .settings import FIELDS, UIError, _duration, default_limits, form_values, settings_from_form
+from .settings import (FIELDS, UIError, _duration, default_limits, field_of, form_values,
+                       settings_from_form)
 
 GRADIO_MIN = "6.0"
 SESSION_KEY = "diffutoon-ui-session"
@@ -45,6 +46,8 @@ CSS = """
 #dt-progress .dt-live { margin: 6px 0 0 0; }
 #dt-progress .dt-live img, #dt-progress .dt-live video { max-width: 100%; max-height: 160px; background: #111; }
 #dt-message .dt-error { margin: 6px 0; }
+.dt-invalid { outline: 2px solid #e02424; border-radius: 6px; }
+.dt-field-error { color: #771d1d; font-weight: 600; font-size: 0.9em; padding: 2px 8px; }
 .dt-compare { display: flex; gap: 10px; flex-wrap: wrap; }
 .dt-compare figure { flex: 1 1 45%; margin: 0; min-width: 220px; }
 .dt-compare figcaption { font-weight: 600; margin-bottom: 4px; }
@@ -68,6 +71,16 @@ FILE_ROUTE = "diffutoon/file"  # /diffutoon/file/<job or upload id>/<name>: this
 SET_COOKIE_JS = (f"(t) => {{ if (t) document.cookie = '{COOKIE}=' + t + '; path=/; SameSite=Strict'; "
                  "const s = document.getElementById('dt-status'); "
                  "if (s) { s.setAttribute('role', 'status'); s.setAttribute('aria-live', 'polite'); } return []; }")
+# a refused Render: its message also next to the control it is about (outlined, aria-invalid), until the next Render
+MARK_FIELD_JS = ("() => { document.querySelectorAll('.dt-field-error').forEach(e => e.remove()); "
+                 "document.querySelectorAll('.dt-invalid').forEach(e => { e.classList.remove('dt-invalid'); "
+                 "e.querySelectorAll('input, textarea').forEach(i => i.removeAttribute('aria-invalid')); }); "
+                 "const m = document.querySelector('#dt-message .dt-error'); "
+                 "const f = m && m.dataset.field && document.getElementById(m.dataset.field); if (!f) return []; "
+                 "f.classList.add('dt-invalid'); "
+                 "f.querySelectorAll('input, textarea').forEach(i => i.setAttribute('aria-invalid', 'true')); "
+                 "const d = document.createElement('div'); d.className = 'dt-field-error'; d.textContent = m.textContent; "
+                 "f.appendChild(d); return []; }")
 # pressing Render or Cancel with a long form open: bring the status (and any message) into view
 SHOW_STATUS_JS = "() => { document.getElementById('dt-actions')?.scrollIntoView({block: 'nearest'}); return []; }"
 
@@ -83,7 +96,12 @@ def _import_gradio():
 
 
 def _error_html(message):
-    return f'<div class="dt-error" role="alert">{html.escape(message)}</div>' if message else ""
+    """A message in one line; data-field: the control it is about (MARK_FIELD_JS repeats it there)."""
+    if not message:
+        return ""
+    field = field_of(message)
+    return (f'<div class="dt-error" role="alert"{f" data-field={chr(34)}{field}{chr(34)}" if field else ""}>'
+            f'{html.escape(message)}</div>')
 
 
 def _banner(manager):
@@ -517,6 +535,7 @@ def build_app(manager):
         render.click(on_render, [token, job_id, source, upload, loras, embeddings, confirmed, extra.style,
                                  *extra.images, *extra.times, *settings_inputs],
                      [token, job_id, message, result, confirmed], concurrency_limit=4, **private).then(
+            None, None, None, js=MARK_FIELD_JS, **private).then(
             watch, [token, job_id], watch_outputs, concurrency_limit=None, **private)
         cancel.click(on_cancel, [token, job_id], [message], **private)
         resume.click(on_resume, [token, job_id], [job_id, message], **private).then(

@@ -49,6 +49,27 @@ def page_message(text, paths=None):
     return text
 
 
+# the control a message is about, from the page's words in it (the first named, longer names first): its elem_id
+_FIELD_WORDS = {"Every n-th frame": "dt-every-nth", "Start/End": "dt-start", "Start": "dt-start", "End": "dt-end",
+                "Width/Height": "dt-width", "Width": "dt-width", "Height": "dt-height", "Window stride": "dt-context-stride",
+                "Window length": "dt-context-length", "Steps": "dt-steps", "Editing prompt": "dt-edit-prompt",
+                "Prompts at times": "dt-prompt-at", "Scene cuts": "dt-scene-cuts", "Max GPU memory": "dt-max-vram",
+                "Fast draft": "dt-fast", "Keyframe": "dt-keyframe-1", "Style image": "dt-style-image",
+                "LoRA": "dt-loras", "Textual inversion": "dt-embeddings", "Guidance": "dt-guidance-scale",
+                "Seed": "dt-seed", "Negative prompt": "dt-negative-prompt", "Prompt": "dt-prompt"}
+_FIELD_RE = re.compile("|".join(rf"\b{re.escape(w)}\b" for w in sorted(_FIELD_WORDS, key=len, reverse=True)))
+
+
+def field_of(message):
+    """The elem_id of the control a one-line message is about (None: the message is about no one control).
+
+    >>> field_of("empty frame range: start=9, end=8; change Start/End")
+    'dt-start'
+    """
+    m = _FIELD_RE.search(message or "")
+    return _FIELD_WORDS[m[0]] if m else None
+
+
 def one_line(e, paths=None):
     """The line `diffutoon render` prints after "error: " for this exception, in the page's words."""
     return page_message(cli._one_line(e), paths)
