@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from .files import _write_png
 from .look import NO_STYLE
+from .views import _url
 
 KEYFRAME_SLOTS = 3
 
@@ -45,7 +46,7 @@ def build(gr, manager):
     return LookControls(images, times, pickers, style, note)
 
 
-def frame_picker(manager, url, token, source, seconds):
+def frame_picker(manager, token, source, seconds):
     """Your video at `seconds`: its frame, written into the session's folder and shown through the private route."""
     if not source or seconds is None:
         return ""
@@ -60,7 +61,7 @@ def frame_picker(manager, url, token, source, seconds):
     target = path.parent / "frames" / f"{index}.png"
     if not target.is_file():
         _write_png(target, reader.read([index])[0])
-    return (f'<figure class="dt-picker"><img src="{url(key, f"frames/{index}.png")}" alt="Your video at '
+    return (f'<figure class="dt-picker"><img src="{_url(key, f"frames/{index}.png")}" alt="Your video at '
             f'{float(seconds):g} s"><figcaption>Your video at {float(seconds):g} s (frame {index} of '
             f'{reader.num_frames})</figcaption></figure>')
 
@@ -70,7 +71,7 @@ def inputs(images, times, style):
     return [(float(t or 0), p) for p, t in zip(images, times) if p], style or None
 
 
-def restore(job, url):
+def restore(job):
     """The keyframe times of a job, and a note with its keyframes and style image (upload them again to reuse them
     in a new render; Resume uses them as they are)."""
     settings = job.settings_obj()
@@ -80,7 +81,7 @@ def restore(job, url):
     items += [(f"style/{settings.style_image}", f"Style image: {settings.style_image}")] if settings.style_image else []
     if not items:
         return [*times, ""]
-    figures = "".join(f'<figure><img src="{url(job.id, name)}" alt="{html.escape(c)}" height="80">'
+    figures = "".join(f'<figure><img src="{_url(job.id, name)}" alt="{html.escape(c)}" height="80">'
                       f"<figcaption>{html.escape(c)}</figcaption></figure>" for name, c in items)
     return [*times, f'<div class="dt-look-files"><p>This render\'s files (upload them again for a new render):</p>'
                     f"{figures}</div>"]
