@@ -41,6 +41,16 @@ def fast_choices(pipe):
     return choices + [("Off: sample with Steps and Guidance as set (the adapter is made for few steps)", "off")]
 
 
+def draft_steps(args, pipe):
+    """The steps a render takes: a Fast draft's preset's when its steps were left to it, else the asked ones."""
+    from .. import fast
+
+    preset = fast.adapter_preset(adapter_kind(pipe)) if args.fast == "auto" else args.fast
+    if preset in fast.PRESETS and args.steps == fast.PAPER_STEPS:
+        return fast.PRESETS[preset].steps
+    return args.steps
+
+
 def _quiet(args, **changes):
     ns = argparse.Namespace(**{**vars(args), "quiet": True, **changes})
     return ns

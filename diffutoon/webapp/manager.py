@@ -240,11 +240,12 @@ class JobManager(SessionFiles, Renderer):
         try:  # the job's folder holds its files from the start; a refused request leaves nothing behind
             settings = self._stage(folder, upload, name, settings, keyframes, style_image)
             args, reader, indices, (height, width) = self.check(folder / name, name, settings)
-            estimate = self.estimate(settings, len(indices), height, width)
+            steps = look.draft_steps(args, self.models.slots[0].pipe)  # a Fast draft's preset sets the steps
+            estimate = self.estimate(replace(settings, steps=steps), len(indices), height, width)
             if estimate and estimate > self.limits.warn_seconds and not confirmed:
                 device = self.models.slots[0].device
                 raise TooLong(f"This render would take about {_duration(estimate)} on this app's {device} (an "
-                              f"estimate from its work: {len(indices)} frames of {width}x{height}, {settings.steps} "
+                              f"estimate from its work: {len(indices)} frames of {width}x{height}, {steps} "
                               "steps): choose a smaller Width/Height, fewer frames or Steps, or press Render again to "
                               "start it anyway")
         except BaseException:
