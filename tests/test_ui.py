@@ -754,6 +754,19 @@ def test_ui_command_line(capfd, monkeypatch):
     assert err.startswith("diffutoon ui: error: the web app needs Gradio") and "pip install 'diffutoon[ui]'" in err
 
 
+def test_the_style_images_ip_adapter_comes_from_the_ui_options(models, monkeypatch):
+    from diffutoon.webapp import loading
+
+    args = cli.build_parser().parse_args(["ui", "--ip-adapter", "me/my-ip-adapter"])
+    assert loading._ip_adapter(args, log=lambda m: None) == "me/my-ip-adapter"
+    monkeypatch.setattr(loading.M, "_uncached", lambda sources: sources)  # h94/IP-Adapter not in the cache
+    said = []
+    assert loading._ip_adapter(cli.build_parser().parse_args(["ui"]), log=said.append) is None
+    assert said == ["no style image: h94/IP-Adapter is not cached (start with --ip-adapter to name one)"]
+    assert Path(models.ip_adapter).is_file()  # the demo models bring a tiny one, in h94/IP-Adapter's layout
+    assert (Path(models.ip_adapter).parent / "image_encoder").is_dir()
+
+
 def test_setup_extras_and_ci_script():
     tree = ast.parse((ROOT / "setup.py").read_text())
     extras = next(ast.literal_eval(k.value) for node in ast.walk(tree) if isinstance(node, ast.Call)
