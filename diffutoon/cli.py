@@ -391,6 +391,8 @@ def build_parser():
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, or cuda:0,cuda:1: one render at a time each")
     g.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"), default="auto")
     g.add_argument("--demo-models", action="store_true", help="the tiny random-weight models, whatever is cached")
+    g.add_argument("--ip-adapter", help="IP-Adapter weights for the page's style image (as `render --ip-adapter`; "
+                   "default h94/IP-Adapter when cached, else no style image)")
     g.add_argument("--max-upload-mb", type=_number(float, 0, lo_open=True), help="default 500")
     g.add_argument("--max-seconds", type=_number(float, 0, lo_open=True), help="longest upload (default 600)")
     g.add_argument("--max-frames", type=_number(int, 1), help="frames per render (default 600 GPU, 48 CPU, 120 demo)")
@@ -475,6 +477,14 @@ def _join_torchrun(args):
 def _run_pipeline(args, pipe, clip, detector, edit_extra=None, **extra):
     """Map the options onto the pipeline's arguments and call it on `clip` (a `vio.VideoClip`, or uint8 frames);
     `extra` adds pipeline arguments (the render folder, the output path)."""
+    kwargs = _pipeline_kwargs(args, pipe, clip, detector, edit_extra, **extra)
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=args.quiet)
+    return pipe(**kwargs)
+
+
+def _pipeline_kwargs(args, pipe, clip, detector, edit_extra=None, **extra):
+    """The pipeline's arguments for these options on `clip` (also the web app's mapping)."""
     import torch
 
     style = _import_style()
@@ -498,13 +508,11 @@ def _run_pipeline(args, pipe, clip, detector, edit_extra=None, **extra):
                                      strength=args.edit_strength, **(edit_extra or {}))
     for key, value in _memory_kwargs(args).items():
         kwargs.setdefault(key, value)
-    if hasattr(pipe, "set_progress_bar_config"):
-        pipe.set_progress_bar_config(disable=args.quiet)
     if getattr(args, "fast", None) or getattr(args, "preview", None) or getattr(args, "preview_vae", None):
         from . import fast_cli
 
         kwargs.update(fast_cli.cli_arguments(args, pipe))  # fast_mode, preview, preview_vae
-    return pipe(**kwargs)
+    return kwargs
 
 
 def _torchrun_rank() -> int:

@@ -7,6 +7,7 @@ Sizes: 8 frames of 32x32 at 8 fps (1 s, with sound), 2 steps, windows of 4 with 
 
 import argparse
 import ast
+import inspect
 import json
 import re
 import shutil
@@ -132,33 +133,34 @@ def test_render_job_end_to_end_with_the_pipelines_own_progress(manager, clip, tm
     slot = manager.models.slots[0]
     args = parse_render_args(small().argv(clip))
     frames = vio.read_frames(vio.VideoReader(clip), range(FRAMES), SIZE, SIZE, progress=False)
-    direct = slot.pipe(video=frames, **pipeline_kwargs(args, SIZE, SIZE, slot.detector))
+    direct = slot.pipe(**pipeline_kwargs(args, slot.pipe, frames, slot.detector))
     direct_path = vio.write_video(tmp_path / "direct.mp4", vio.to_uint8(direct.frames[0]), FPS, progress=False)
     np.testing.assert_array_equal(decode(out), decode(direct_path))
 
 
-def test_pipeline_arguments_are_the_clis(clip):
-    """The app maps the settings onto the pipeline exactly as `diffutoon render` does (cli._run_pipeline)."""
-    calls = []
+def test_the_settings_are_the_clis_command_line(clip, tmp_path):
+    """Each control of the page stands for the option of `diffutoon render` (parsed by the CLI's own parser)."""
+    import PIL.Image
 
-    class Recorder:
-        def __call__(self, **kwargs):
-            calls.append(kwargs)
-            return types.SimpleNamespace(frames=[np.zeros((1, 8, 8, 3), np.uint8)])
+    settings = small(edit_prompt="night", seed=5, every_nth=2, fast="lightning-4", max_vram="12GB",
+                     scene_cuts="0.5s, 6", prompt_at="0.5s=night\n\n 6=rain, dusk ", style_scale=0.3,
+                     keyframes=[[0.25, "0-a.png"]], style_image="s.png")
+    (tmp_path / "style").mkdir()
+    PIL.Image.new("RGB", (8, 8)).save(tmp_path / "style" / "s.png")
+    ours = parse_render_args(settings.argv(clip, tmp_path))
+    theirs = cli.build_parser().parse_args(
+        ["render", str(clip), "--start=0s", "--every-nth=2", "--prompt", settings.prompt, "--negative-prompt=",
+         "--edit-prompt", "night", "--edit-steps=2", f"--edit-height={SIZE}", f"--edit-width={SIZE}",
+         f"--height={SIZE}", f"--width={SIZE}", "--resize=crop", f"--short-side={SIZE}", "--context-length=4",
+         "--context-stride=2", "--lineart-scale=0.5", "--tile-scale=0.5", "--seed=5", "--decode-chunk-size=8",
+         "--scene-cuts", "0.5s, 6", "--fast", "lightning-4", "--max-vram", "12GB", "--prompt-at", "0.5s=night",
+         "--prompt-at", "6=rain, dusk", "--keyframe", f"0.25s={tmp_path / 'keyframes' / '0-a.png'}"])
+    assert ours.style_image == tmp_path / "style" / "s.png" and ours.style_scale == 0.3
+    ours.style_image, ours.style_scale = None, 0.6  # (the CLI checks the image file while parsing)
+    assert vars(ours) == vars(theirs)
+    assert (ours.steps, ours.guidance_scale) == (10, 7.0)  # Fast draft: the preset sets them, as `--fast` alone
 
-    for settings in (small(), small(edit_prompt="night", lineart_scale=0.3, tile_scale=0.7, seed=5, every_nth=2)):
-        args = parse_render_args(settings.argv(clip))
-        args.quiet = True
-        frames = np.zeros((4, SIZE, SIZE, 3), np.uint8)
-        cli._run_pipeline(args, Recorder(), frames, "detector", {"detectors": "edit-detectors"})
-        ours = pipeline_kwargs(args, SIZE, SIZE, "detector", {"detectors": "edit-detectors"})
-        theirs = calls.pop()
-        assert theirs.pop("video") is frames
-        assert theirs.pop("generator").initial_seed() == ours.pop("generator").initial_seed() == settings.seed
-        assert theirs == ours
 
-
-# ------------------------------------------------------------------------------------------------ bad input
 def test_bad_uploads_and_settings_give_the_clis_messages(manager, clip, tmp_path, capfd):
     data = clip.read_bytes()
     (tmp_path / "truncated.mp4").write_bytes(data[: len(data) // 2])
@@ -359,15 +361,67 @@ def test_loras_and_embeddings_apply_to_one_render_only(manager, clip, tmp_path):
     np.testing.assert_array_equal(outputs[0], outputs[2])  # and left nothing behind
 
 
-def test_a_broken_lora_fails_its_job_in_one_line(manager, clip, tmp_path):
-    (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
+def test_a_broken_lora_or_embedding_is_refused_in_one_line_naming_the_file(models, clip, tmp_path):
+    """Refused when Render is pressed (nothing queued): one line naming the file and what it is not, no library
+    internals (safetensors' SafetensorError, diffusers' OSError with server paths)."""
+    from safetensors.torch import save_file
+
+    manager = JobManager(models, tmp_path / "data", log=lambda msg: None)  # not started: nothing renders
     token = manager.new_token()
-    job = manager.submit(token, clip, small(), loras=[tmp_path / "broken.safetensors"])
-    assert manager.wait(job, TIMEOUT) == "failed"
-    assert job.message.startswith("could not load the LoRA broken.safetensors: ") and "\n" not in job.message
-    assert str(tmp_path) not in job.message and str(manager.data_dir) not in job.message
-    job = manager.submit(token, clip, small())
-    assert manager.wait(job, TIMEOUT) == "done"
+    (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
+    (tmp_path / "broken.pt").write_bytes(b"not a pickle")
+    save_file({"unet.conv_in.weight": torch.zeros(2, 2)}, tmp_path / "checkpoint.safetensors")
+    cases = [("loras", "broken.safetensors", "LoRA broken.safetensors: this is not a LoRA: "),
+             ("embeddings", "broken.safetensors", "Textual inversion broken.safetensors: this is not a textual "
+                                                  "inversion (embedding): "),
+             ("embeddings", "broken.pt", "Textual inversion broken.pt: this is not a textual inversion (embedding): "),
+             ("loras", "checkpoint.safetensors", "LoRA checkpoint.safetensors: this is not a LoRA: it holds no LoRA "
+                                                 "weights")]
+    for kind, name, expected in cases:
+        with pytest.raises(UIError) as e:
+            manager.submit(token, clip, small(), **{kind: [tmp_path / name]})
+        message = str(e.value)
+        assert message.startswith(expected) and "\n" not in message, message
+        assert "Safetensor" not in message and "Error" not in message and str(tmp_path) not in message
+    assert manager.jobs(token) == []
+
+
+def test_the_pipelines_live_keys_reach_the_page(models, tmp_path):
+    """A progress dict with the pipeline's extra keys (issues 17-19) through the adapter: the page shows the live
+    preview under the bar with its step, the memory plan, the scene cuts, and at the end the quality report."""
+    from html import escape
+
+    from diffutoon.report import summary
+    from diffutoon.webapp.jobs import Job
+    from diffutoon.webapp.progress import ProgressAdapter
+
+    manager = JobManager(models, tmp_path / "data", log=lambda msg: None)  # not started
+    folder = tmp_path / "data" / "sessions" / "s" / "20260101-000000-abcdef"
+    (folder / "render" / "previews").mkdir(parents=True)
+    job = Job("20260101-000000-abcdef", "s", folder, "clip.mp4", vars(small()), status="running")
+    preview = folder / "render" / "previews" / "latest.png"
+    preview.write_bytes(b"png")
+    adapter = ProgressAdapter(job, types.SimpleNamespace(_interrupt=False), lambda j: None, FRAMES, 3)
+    report = {"warping_error": 12.5, "seam_score": 1.02, "pixel_mae": 30.0}
+    adapter.callback({"stage": "denoising", "step": 0, "steps": 2, "window": 3, "windows": 3, "done": 3, "total": 6,
+                      "preview": str(preview), "preview_step": 1, "preview_steps": 2, "scene_cuts": [3, 6],
+                      "memory_plan": "32x32, 1.0 GB free: nothing to save: 0.1 GB estimated"})
+    assert manager.live_preview_file(job) == "render/previews/latest.png"  # served from the job's folder
+    html = status_html(job, preview="diffutoon/file/x/render/previews/latest.png?v=1")
+    assert "Drawing: step 2 of 2, window 1 of 3" in html
+    assert "Memory: 32x32, 1.0 GB free: nothing to save: 0.1 GB estimated" in html
+    assert "Scene cuts at frames 3, 6: 3 shots, each rendered on its own." in html
+    assert re.search(r'<figure class="dt-live" id="dt-live"><img src="diffutoon/file/x/render/previews/latest.png'
+                     r'\?v=1" alt="Live preview after step 1 of 2">', html)
+    assert escape(summary(report)) not in html
+    adapter.callback({"stage": "done", "report": report, "scene_cuts": []})  # keys kept until the pipeline says otherwise
+    job.status = "done"
+    html = status_html(job, preview="diffutoon/file/x/render/previews/latest.png?v=1")
+    assert escape(summary(report)) in html and "Scene cuts: none found, one shot." in html and "Memory: 32x32" in html
+    assert "dt-live" not in html  # the preview is for a running render; the result is the video
+    job.dir.joinpath("job.json").parent.mkdir(parents=True, exist_ok=True)
+    job.save()
+    assert Job.load(job.dir).live["report"] == report  # kept for the page after a reload
 
 
 def test_editing_prompt_runs_the_editing_branch_with_its_progress_and_colour_preview(manager, clip):
@@ -393,6 +447,10 @@ class FakeClip:
 
     def __len__(self):
         return len(self.indices)
+
+    @property
+    def shape(self):
+        return (len(self.indices), self.height, self.width, 3)
 
     def audio_span(self):
         return self.reader.span(self.indices)
@@ -456,6 +514,101 @@ class ContractPipeline:
         if not keep_render_dir:
             shutil.rmtree(folder)
         return types.SimpleNamespace(frames=None, path=output_path, interrupted=False, color_frames=None)
+
+
+class LookPipeline(ContractPipeline):
+    """The stand-in, with the arguments of issues 17-19 recorded, a distilled adapter's config and IP-Adapter calls."""
+
+    config = {"motion_adapter_kind": "lightning-4"}
+
+    def __init__(self):
+        super().__init__()
+        from diffusers import DDIMScheduler
+
+        self.scheduler, self.seen, self.ip_calls = DDIMScheduler(), [], []
+
+    def __call__(self, *, render_dir=None, output_path=None, progress_callback=None, fast_mode=None,
+                 memory_budget=None, scene_cuts=None, keyframes=None, ip_adapter_image=None, **kwargs):
+        self.seen.append(dict(fast_mode=fast_mode, memory_budget=memory_budget, scene_cuts=scene_cuts,
+                              keyframes=keyframes, ip_adapter_image=ip_adapter_image, **kwargs))
+        known = inspect.signature(ContractPipeline.__call__).parameters
+        return super().__call__(render_dir=render_dir, output_path=output_path, progress_callback=progress_callback,
+                                **{k: v for k, v in kwargs.items() if k in known})
+
+    def load_ip_adapter(self, *args, **kwargs):
+        self.ip_calls.append(("load", args, kwargs))
+
+    def set_ip_adapter_scale(self, scale):
+        self.ip_calls.append(("scale", scale))
+
+    def unload_ip_adapter(self):
+        self.ip_calls.append(("unload",))
+
+
+def test_each_control_reaches_the_pipeline_call(clip, tmp_path, monkeypatch):
+    """Fast draft, Max GPU memory, prompts at times, scene cuts, a keyframe and a style image: checked when Render is
+    pressed (the CLI's messages), then passed to the pipeline as `diffutoon render` passes them."""
+    import PIL.Image
+
+    monkeypatch.setattr(vio, "VideoClip", FakeClip, raising=False)
+    pipe = LookPipeline()
+    ip = tmp_path / "ip" / "ip-adapter_sd15.bin"
+    ip.parent.mkdir()
+    ip.write_bytes(b"")  # a local file: loaded from its folder (the stand-in loads nothing)
+    models = Models("real", [Slot("cpu", pipe)], has_edit=False, summary="stand-in", ip_adapter=str(ip))
+    manager = JobManager(models, tmp_path / "data", log=lambda msg: None).start()
+    frame = vio.read_frames(vio.VideoReader(clip), [2], progress=False)[0]
+    PIL.Image.fromarray(255 - frame).save(tmp_path / "painted.png")
+    PIL.Image.fromarray(frame[::2, ::2]).save(tmp_path / "style.png")
+    token = manager.new_token()
+    try:
+        settings = small(fast="auto", max_vram="3GB", prompt_at="0.5s=night\n6=rain", scene_cuts="0.75s",
+                         style_scale=0.3)
+        job = manager.submit(token, clip, settings, keyframes=[(0.25, tmp_path / "painted.png")],
+                             style_image=tmp_path / "style.png")
+        assert manager.wait(job, TIMEOUT) == "done", job.message
+        seen = pipe.seen[0]
+        assert seen["fast_mode"] == "auto" and seen["memory_budget"] == "3GB"
+        assert (seen["num_inference_steps"], seen["guidance_scale"]) == (10, 7.0)  # the preset replaces them
+        assert seen["prompt"] == {0: settings.prompt, 4: "night", 6: "rain"}
+        assert seen["scene_cuts"] == [6] and job.live["scene_cuts"] == [6]
+        assert list(seen["keyframes"]) == [2]
+        np.testing.assert_array_equal(seen["keyframes"][2], 255 - frame)
+        assert np.array_equal(np.asarray(seen["ip_adapter_image"]), frame[::2, ::2])
+        assert pipe.ip_calls == [("load", (str(ip.parent),), {"subfolder": "", "weight_name": ip.name}),
+                                 ("scale", 0.3), ("unload",)]  # for this render only
+        assert job.settings["keyframes"] == [[0.25, "0-painted.png"]] and job.settings["style_image"] == "style.png"
+        assert (job.dir / "keyframes" / "0-painted.png").is_file() and (job.dir / "style" / "style.png").is_file()
+
+        job = manager.submit(token, clip, small())  # all off: none of them (scene cuts: none found)
+        assert manager.wait(job, TIMEOUT) == "done", job.message
+        seen = pipe.seen[1]
+        assert (seen["fast_mode"], seen["memory_budget"], seen["keyframes"], seen["ip_adapter_image"]) == (None,) * 4
+        assert seen["scene_cuts"] == [] and seen["prompt"] == small().prompt and len(pipe.ip_calls) == 3
+
+        # refused when Render is pressed, in the CLI's words, and nothing is left in the session
+        for kw, message in [
+                (dict(prompt_at="9s=night"), "Prompts at times 72: outside the rendered frames 0..7 of the input "
+                                             "(Start/End); use Prompt for the prompt at the start"),
+                (dict(prompt_at="night"), "Prompts at times: expected POSITION=PROMPT"),
+                (dict(scene_cuts="soon"), "Scene cuts"),
+                (dict(max_vram="lots"), "Max GPU memory: "),
+                (dict(fast="lcm-4"), "Fast draft 'lcm-4' does not fit this pipeline's motion adapter, "
+                                     "AnimateDiff-Lightning 4-step: use 'lightning-4'")]:
+            with pytest.raises(UIError) as e:
+                manager.submit(token, clip, small(**kw))
+            assert str(e.value).startswith(message), str(e.value)
+        with pytest.raises(UIError, match="Keyframe 5s="):
+            manager.submit(token, clip, small(), keyframes=[(5, tmp_path / "painted.png")])
+        pipe.config = {}  # an ordinary motion adapter: Fast draft is not there; no IP-Adapter: no style image
+        with pytest.raises(UIError, match="Fast draft needs a distilled motion adapter"):
+            manager.submit(token, clip, small(fast="auto"))
+        models.ip_adapter = None
+        with pytest.raises(UIError, match="A style image needs an IP-Adapter"):
+            manager.submit(token, clip, small(), style_image=tmp_path / "style.png")
+        assert len(manager.jobs(token)) == 2 and len(list(job.dir.parent.iterdir())) == 2
+    finally:
+        manager.stop()
 
 
 def test_the_long_render_api_is_used_when_the_pipeline_has_it(clip, tmp_path, monkeypatch):
@@ -599,6 +752,19 @@ def test_ui_command_line(capfd, monkeypatch):
     assert main(["ui", "--demo-models"]) == 2
     err = capfd.readouterr().err.strip()
     assert err.startswith("diffutoon ui: error: the web app needs Gradio") and "pip install 'diffutoon[ui]'" in err
+
+
+def test_the_style_images_ip_adapter_comes_from_the_ui_options(models, monkeypatch):
+    from diffutoon.webapp import loading
+
+    args = cli.build_parser().parse_args(["ui", "--ip-adapter", "me/my-ip-adapter"])
+    assert loading._ip_adapter(args, log=lambda m: None) == "me/my-ip-adapter"
+    monkeypatch.setattr(loading.M, "_uncached", lambda sources: sources)  # h94/IP-Adapter not in the cache
+    said = []
+    assert loading._ip_adapter(cli.build_parser().parse_args(["ui"]), log=said.append) is None
+    assert said == ["no style image: h94/IP-Adapter is not cached (start with --ip-adapter to name one)"]
+    assert Path(models.ip_adapter).is_file()  # the demo models bring a tiny one, in h94/IP-Adapter's layout
+    assert (Path(models.ip_adapter).parent / "image_encoder").is_dir()
 
 
 def test_setup_extras_and_ci_script():

@@ -194,6 +194,13 @@ def test_page_renders_a_clip_and_shows_errors(browser, other_browser, server, tm
     assert _text(drv, "dt-message") == ""
     _wait(lambda: drv.find_elements(By.CSS_SELECTOR, "#dt-input video"), what="the player of the upload")
     _set(drv, "dt-prompt", "a cat in the rain")
+    # the keyframe's frame picker shows the upload at its time (through the session's private route); the demo
+    # models have no distilled motion adapter: Fast draft says so
+    drv.execute_script("for (const b of document.querySelectorAll('button.label-wrap')) if (['Direct the look', "
+                       "'Fast draft'].some(t => b.textContent.includes(t))) b.click()")
+    _wait(lambda: drv.execute_script("const i = document.querySelector('#dt-keyframe-frame-1 img');"
+                                     "return i && i.complete && i.naturalWidth === 64"), what="the frame picker")
+    assert "Fast draft: not available" in _wait(lambda: _text(drv, "dt-fast-missing"), what="the Fast draft note")
     drv.execute_script(RECORD_PROGRESS)
     drv.find_element(By.ID, "dt-render").click()
 
@@ -222,6 +229,9 @@ def test_page_renders_a_clip_and_shows_errors(browser, other_browser, server, tm
     assert drv.find_element(By.CSS_SELECTOR, "#dt-before video").is_displayed()
     assert drv.find_element(By.ID, "dt-download").is_displayed()
     assert len(drv.find_elements(By.CSS_SELECTOR, "#dt-previews img")) >= 1
+    # what the pipeline reported: the scene cuts it used (none in this clip) and the quality report
+    assert "Scene cuts: none found, one shot." in _text(drv, "dt-status")
+    assert "quality: warping error" in _text(drv, "dt-status")
 
     # the result is this session's: 200 with its cookie, 403 without, 404 for another browser profile; never
     # served by its path in the data folder
@@ -250,6 +260,8 @@ def test_page_renders_a_clip_and_shows_errors(browser, other_browser, server, tm
     assert "Start/End" in message
     time.sleep(1.5)
     assert _text(drv, "dt-message") == message
+    assert _text(drv, "dt-start").endswith(message)  # also next to the field it is about
+    assert drv.find_element(By.CSS_SELECTOR, "#dt-start input").get_attribute("aria-invalid") == "true"
     assert "Previous result" in _text(drv, "dt-result")
     # a number out of its range: the app's one line with the field's label, no Gradio toast
     _set(drv, "dt-start", 0)
@@ -258,6 +270,9 @@ def test_page_renders_a_clip_and_shows_errors(browser, other_browser, server, tm
     drv.find_element(By.ID, "dt-render").click()
     _wait(lambda: "Every n-th frame" in _text(drv, "dt-message"), what="the range message")
     assert _text(drv, "dt-message") == "Every n-th frame: must be at least 1, got 0"
+    _wait(lambda: _text(drv, "dt-every-nth").endswith("Every n-th frame: must be at least 1, got 0"),
+          what="the message next to its field")
+    assert not drv.find_elements(By.CSS_SELECTOR, "#dt-start .dt-field-error")
     assert not drv.find_elements(By.CSS_SELECTOR, ".toast-body")
 
     # a reload: the form shows the job's video and settings; "Your renders" lists it with its thumbnail
@@ -280,10 +295,18 @@ def test_page_renders_a_clip_and_shows_errors(browser, other_browser, server, tm
     assert _get(src, cookie)[0] == 404 and not outputs[0].exists()
 
 
-def _screenshot(drv, path):
-    height = drv.execute_script("return Math.max(document.body.scrollHeight, document.documentElement.scrollHeight,"
-                                "  ...[...document.querySelectorAll('.gradio-container')].map(e => e.scrollHeight))")
-    drv.set_window_size(1400, min(max(height + 80, 900), 3000))
+def _screenshot(drv, path, size=(1400, 1494)):
+    """The whole page in the README's screenshot size: the page laid out over the full width and zoomed out to fit."""
+    drv.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {"width": size[0], "height": size[1],
+                                                               "deviceScaleFactor": 1, "mobile": False})
+    drv.execute_script("document.querySelectorAll('.gradio-container, .main, .wrap, .contain').forEach("
+                       "e => e.style.maxWidth = 'none')")
+    for _ in range(3):  # a wider layout is shorter: settle the zoom
+        time.sleep(0.5)
+        height = drv.execute_script("document.body.style.zoom = 1; return Math.max(document.body.scrollHeight, "
+                                    "...[...document.querySelectorAll('.gradio-container')].map(e => e.scrollHeight))")
+        zoom = min(1.0, size[1] / height)
+        drv.execute_script(f"document.body.style.zoom = {zoom:.3f}; window.scrollTo(0, 0)")
     time.sleep(1)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     drv.save_screenshot(str(path))

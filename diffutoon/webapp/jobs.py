@@ -22,7 +22,8 @@ _JOB_ID = re.compile(r"\d{8}-\d{6}-[0-9a-f]{6}")
 
 # ---------------------------------------------------------------------------------------------- jobs
 _PERSISTED = ("id", "session", "input_name", "settings", "loras", "embeddings", "status", "created", "started",
-              "finished", "message", "output", "progress", "note", "resumable", "attempts", "estimate", "fraction")
+              "finished", "message", "output", "progress", "note", "resumable", "attempts", "estimate", "fraction",
+              "live")
 
 
 @dataclass
@@ -53,7 +54,7 @@ class Job:
     previews: dict = field(default_factory=dict)
     preview_version: int = 0
     preview_files: dict = field(default_factory=dict)
-    live: dict = field(default_factory=dict)  # the pipeline's preview / memory plan / report (progress.LIVE_KEYS)  # name -> what was last written to previews/<name>.png
+    live: dict = field(default_factory=dict)  # the pipeline's preview / memory plan / report / cuts (LIVE_KEYS)
 
     @property
     def input_path(self):

@@ -7,8 +7,11 @@ from __future__ import annotations
 import argparse
 import inspect
 import sys
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
+from .. import cli
 from .. import models as M
 from .. import video as vio
 
@@ -43,6 +46,7 @@ class Models:
     reason: str = ""  # why the demo models (page banner)
     accelerator: bool = False
     base_loras: tuple = ((), ())  # adapters loaded at start (--lora): names, weights
+    ip_adapter: str | None = None  # the style image's IP-Adapter (as --ip-adapter names it), None: no style image
 
     @property
     def is_demo(self):
@@ -125,7 +129,20 @@ def load_models(args, log=None):
     weights = [float(M._spec(t, "1.0")[1]) for t in (args.lora or [])]
     summary = (f"{args.base} with AnimateDiff ({args.motion_adapter}), lineart + tile ControlNets"
                f"{' (+ softedge + depth for editing)' if edit else ''}, on {', '.join(s.device for s in slots)}")
-    return Models("real", slots, edit, summary, accelerator=accelerator, base_loras=(tuple(names), tuple(weights)))
+    return Models("real", slots, edit, summary, accelerator=accelerator, base_loras=(tuple(names), tuple(weights)),
+                  ip_adapter=_ip_adapter(args, log))
+
+
+def _ip_adapter(args, log):
+    """--ip-adapter, or the CLI's default when it is in the local cache (loaded for a render with a style image)."""
+    from ..style import DEFAULT_IP_ADAPTER
+
+    if getattr(args, "ip_adapter", None):
+        return args.ip_adapter
+    if M._uncached([("--ip-adapter", DEFAULT_IP_ADAPTER[0])]):
+        log(f"no style image: {DEFAULT_IP_ADAPTER[0]} is not cached (start with --ip-adapter to name one)")
+        return None
+    return DEFAULT_IP_ADAPTER[0]
 
 
 def _load_tiny(devices, reason, log):
@@ -139,8 +156,11 @@ def _load_tiny(devices, reason, log):
         edit_detectors = {"softedge": tiny.tiny_softedge_detector(), "depth": tiny.tiny_depth_detector}
         slots.append(Slot(device, _configure(pipe), tiny.tiny_lineart_detector(), edit_detectors))
     summary = f"tiny random-weight demo models on {', '.join(devices)}"
+    # a tiny random IP-Adapter in h94/IP-Adapter's layout, so that the style image works with the demo models too
+    folder = Path(tempfile.mkdtemp(prefix="diffutoon-ui-ip-adapter-"))
+    ip_adapter = str(tiny.save_tiny_ip_adapter(folder, slots[0].pipe.unet))
     return Models("demo", slots, True, summary, reason=reason,
-                  accelerator=any(not d.startswith("cpu") for d in devices))
+                  accelerator=any(not d.startswith("cpu") for d in devices), ip_adapter=ip_adapter)
 
 
 # ---------------------------------------------------------------------------------------------- pipeline features
@@ -169,22 +189,10 @@ class PipelineFeatures:
         return self.render_dir
 
 
-def pipeline_kwargs(args, height, width, detector, edit_extra=None):
-    """The pipeline's arguments for these options: the same mapping as cli._run_pipeline (a test compares them)."""
-    import torch
-
-    kwargs = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, height=height, width=width,
-                  num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                  context_length=args.context_length, context_stride=args.context_stride,
-                  controlnet_conditioning_scale=[args.lineart_scale, args.tile_scale], clip_skip=args.clip_skip,
-                  strength=args.strength, generator=torch.Generator("cpu").manual_seed(args.seed), output_type="pil",
-                  decode_chunk_size=args.decode_chunk_size, lineart_detector=detector)
-    if args.edit_prompt:
-        kwargs["edit_prompt"] = args.edit_prompt
-        kwargs["edit_kwargs"] = dict(height=args.edit_height, width=args.edit_width,
-                                     num_inference_steps=args.edit_steps, strength=args.edit_strength,
-                                     **(edit_extra or {}))
-    return kwargs
+def pipeline_kwargs(args, pipe, video, detector, edit_extra=None):
+    """The pipeline's arguments for these options on `video`: `diffutoon render`'s own mapping (cli._pipeline_kwargs:
+    the options of every feature, the prompts at times against the clip's source frames)."""
+    return cli._pipeline_kwargs(args, pipe, video, detector, edit_extra)
 
 
 def _windows(pipe, num_frames, length, stride):

@@ -20,52 +20,17 @@ from pathlib import Path
 
 from .. import cli
 from ..models import CLIError
-from urllib.parse import quote
-
-from .jobs import ACTIVE, TERMINAL, VideoInfo
+from . import look, page_look
+from .jobs import TERMINAL, VideoInfo
 from .loading import load_models
 from .manager import JobManager, TooLong
 from .progress import status_html
 from .settings import FIELDS, UIError, _duration, default_limits, form_values, settings_from_form
+from .views import (COOKIE, CSS, FILE_ROUTE, MARK_FIELD_JS, SET_COOKIE_JS, SHOW_STATUS_JS, _banner, _error_html,
+                    _limits_text, _url, input_html, previews_html, result_html, time_text)
 
 GRADIO_MIN = "6.0"
 SESSION_KEY = "diffutoon-ui-session"
-
-CSS = """
-.dt-banner { border-radius: 8px; padding: 10px 14px; margin-bottom: 6px; }
-.dt-banner-demo { background: #fff4d6; border: 1px solid #e8b600; color: #4a3b00; }
-.dt-banner-real { background: #e9f5ec; border: 1px solid #6cbf84; color: #143d20; }
-#dt-message .dt-error { background: #fde8e8; border: 1px solid #e02424; color: #771d1d; border-radius: 8px;
-  padding: 8px 12px; font-weight: 600; }
-#dt-progress { padding: 6px 2px; }
-#dt-progress .dt-stage { font-size: 1.05em; margin-bottom: 6px; }
-#dt-progress progress { width: 100%; height: 14px; }
-#dt-progress .dt-note { color: #666; font-size: 0.9em; margin-top: 4px; }
-#dt-message .dt-error { margin: 6px 0; }
-.dt-compare { display: flex; gap: 10px; flex-wrap: wrap; }
-.dt-compare figure { flex: 1 1 45%; margin: 0; min-width: 220px; }
-.dt-compare figcaption { font-weight: 600; margin-bottom: 4px; }
-.dt-compare video { width: 100%; max-height: 55vh; background: #000; }
-.dt-previous-note { background: #eef2ff; border: 1px solid #8da2fb; border-radius: 8px; padding: 6px 10px; width: 100%; }
-.dt-previous video { opacity: 0.75; }
-.dt-download { display: inline-block; margin-top: 8px; padding: 6px 14px; border-radius: 8px; background: #e5e7eb;
-  font-weight: 600; text-decoration: none; }
-#dt-previews figure { display: inline-block; margin: 0 8px 8px 0; text-align: center; }
-#dt-previews img, #dt-previews video { height: 150px; object-fit: contain; background: #111; }
-#dt-input video { width: 100%; max-height: 30vh; background: #000; }
-.dt-render-row { border-top: 1px solid #ddd; padding-top: 6px; align-items: center; }
-.dt-render-row img { height: 64px; }
-table.dt-report { margin-top: 6px; font-size: 0.9em; }
-table.dt-report th { text-align: left; padding-right: 10px; }
-"""
-COOKIE = "diffutoon_session"  # the session's key, sent with the requests for its files (results, uploads, previews)
-FILE_ROUTE = "diffutoon/file"  # /diffutoon/file/<job or upload id>/<name>: this session's files only
-SET_COOKIE_JS = (f"(t) => {{ if (t) document.cookie = '{COOKIE}=' + t + '; path=/; SameSite=Strict'; "
-                 "const s = document.getElementById('dt-status'); "
-                 "if (s) { s.setAttribute('role', 'status'); s.setAttribute('aria-live', 'polite'); } return []; }")
-# pressing Render or Cancel with a long form open: bring the status (and any message) into view
-SHOW_STATUS_JS = "() => { document.getElementById('dt-actions')?.scrollIntoView({block: 'nearest'}); return []; }"
-
 
 
 def _import_gradio():
@@ -75,105 +40,6 @@ def _import_gradio():
         raise CLIError(f"the web app needs Gradio ({e}): pip install 'diffutoon[ui]' "
                            f"(or pip install 'gradio>={GRADIO_MIN}')") from e
     return gr
-
-
-def _error_html(message):
-    return f'<div class="dt-error" role="alert">{html.escape(message)}</div>' if message else ""
-
-
-def _banner(manager):
-    models = manager.models
-    if models.is_demo:
-        return (f'<div class="dt-banner dt-banner-demo" id="dt-models" data-models="demo"><b>Demo mode: tiny '
-                f'random-weight models.</b> This app runs tiny models with random weights because '
-                f'{html.escape(models.reason)}. They prove that everything works (upload, settings, render, progress, '
-                f'a video with sound) but the result looks like coloured noise, not anime. See the README for the '
-                f'real models.</div>')
-    return (f'<div class="dt-banner dt-banner-real" id="dt-models" data-models="real"><b>Models:</b> '
-            f'{html.escape(models.summary)}.</div>')
-
-
-def _url(key, name, version=""):
-    """The page's URL of a file of this session (see `private_files`); relative, so that it works under a proxy."""
-    return f"{FILE_ROUTE}/{quote(key)}/{quote(name)}" + (f"?v={quote(str(version))}" if version else "")
-
-
-def _video(key, name, label):
-    return f'<video controls preload="metadata" src="{_url(key, name)}" aria-label="{html.escape(label)}"></video>'
-
-
-def input_html(key, name):
-    """The player of the video in the form (an upload, or a job's video after a reload)."""
-    if not key:
-        return ""
-    return (f'<figure id="dt-input-player"><figcaption>Your video: {html.escape(name)}</figcaption>'
-            f'{_video(key, name, "Your video: " + name)}</figure>')
-
-
-def result_html(job, previous=False):
-    """Before and after, side by side and labelled; `previous`: a newer request was refused, this is the old one."""
-    if job is None:
-        return ('<div class="dt-compare" data-state="empty"><p>The result appears here, next to your video, when a '
-                'render is done.</p></div>')
-    out_name = f"{Path(job.input_name).stem}-diffutoon.mp4"
-    done = job.status == "done" and job.output_path is not None and job.output_path.is_file()
-    note = ""
-    if previous and done:
-        note = ('<p class="dt-previous-note">Previous result, from your render of '
-                f'{html.escape(time_text(job.created))}: the new settings were not rendered (see the message).</p>')
-    before = (f'<figure id="dt-before"><figcaption>Before: {html.escape(job.input_name)}</figcaption>'
-              f'{_video(job.id, job.input_name, "Before: " + job.input_name)}</figure>')
-    if done:
-        after = (f'<figure id="dt-after"><figcaption>After: Diffutoon (with the video\'s sound)</figcaption>'
-                 f'{_video(job.id, job.output, "After: Diffutoon")}'
-                 f'<a id="dt-download" class="dt-download" href="{_url(job.id, job.output)}" '
-                 f'download="{html.escape(out_name)}">Download the video</a></figure>')
-    else:
-        after = ('<figure id="dt-after"><figcaption>After: Diffutoon</figcaption><p>'
-                 + ("Rendering\u2026 the result appears here." if job.status in ACTIVE else "No result.")
-                 + '</p></figure>')
-    cls = "dt-compare dt-previous" if previous and done else "dt-compare"
-    return f'<div class="{cls}" data-state="{job.status}" data-job="{job.id}">{note}{before}{after}</div>'
-
-
-def previews_html(manager, job):
-    """The condition frames as they are made, and the pipeline's own live preview when it gives one."""
-    if job is None:
-        return ""
-    items = [(name, caption, "img") for name, caption in manager.preview_files(job)]
-    live = manager.live_preview_file(job)
-    if live:
-        step = job.live.get("preview_step")
-        caption = f"Live preview, step {step}" if step is not None else "Live preview"
-        items.append((live, caption, "video" if Path(live).suffix.lower() in (".mp4", ".webm", ".mov") else "img"))
-    if not items:
-        return ""
-    figures = []
-    for name, caption, kind in items:
-        src, alt = _url(job.id, name, job.preview_version), html.escape(caption)
-        media = (f'<video src="{src}" autoplay loop muted aria-label="{alt}"></video>' if kind == "video"
-                 else f'<img src="{src}" alt="{alt}">')
-        figures.append(f"<figure>{media}<figcaption>{alt}</figcaption></figure>")
-    return ('<div aria-label="Condition frames and previews, as they are made">'
-            '<div class="dt-previews-title">Condition frames and previews, as they are made</div>'
-            + "".join(figures) + "</div>")
-
-
-def time_text(t):
-    import time as _time
-
-    return _time.strftime("%d %b %H:%M", _time.localtime(t))
-
-
-def _limits_text(manager):
-    lim = manager.limits
-    return (f"**Limits:** videos up to {lim.max_upload_mb:g} MB and {_duration(lim.max_seconds)}; at most "
-            f"{lim.max_frames} frames per render (use Start, End and Every n-th frame to pick a part). Renders run "
-            f"one at a time on each accelerator: others wait in line and see their place. Your uploads and results "
-            f"are kept in a folder of this browser's session, visible only to you, for {manager.keep_days:g} days. "
-            + ("A render stopped by Cancel (or by a restart of the app) keeps its folder: Resume continues it from "
-               "its last completed step." if manager.resumable else
-               "Cancel stops a render at the next window; Resume (or a restart of the app) starts it again."))
 
 
 def build_app(manager):
@@ -204,13 +70,16 @@ def build_app(manager):
         def field(name, **extra):
             f = next(f for f in FIELDS if f.name == name)
             value = getattr(d, name) if name != "end" else (d.end or 0)
-            common = dict(label=f.label, value=value, elem_id=f.elem_id, info=f.info or None, **extra)
+            choices = extra.pop("choices", list(f.choices))
+            common = dict(label=f.label, value=value if f.kind != "radio" else value or None, elem_id=f.elem_id,
+                          info=f.info or None)
+            common.update(extra)
             if f.kind in ("number", "int"):  # ranges checked by the app, with the field's label (no Gradio toast)
                 comp = gr.Number(precision=0 if f.kind == "int" else None, **common)
             elif f.kind == "slider":
                 comp = gr.Slider(f.minimum, f.maximum, step=f.step, **common)
             elif f.kind == "radio":
-                comp = gr.Radio(list(f.choices), **common)
+                comp = gr.Radio(choices, **common)
             else:
                 comp = gr.Textbox(lines=f.lines, placeholder=f.placeholder or None, **common)
             controls[name] = comp
@@ -229,6 +98,7 @@ def build_app(manager):
                     with gr.Row():
                         for name in ("start", "end", "every_nth"):
                             field(name)
+                    field("scene_cuts")
                 field("prompt")
                 field("negative_prompt")
                 with gr.Accordion("Editing (optional): recolour or relight", open=False):
@@ -247,6 +117,18 @@ def build_app(manager):
                     with gr.Row():
                         field("lineart_scale"), field("tile_scale")
                     field("seed")
+                with gr.Accordion("Fast draft and memory", open=False):
+                    fast = look.fast_choices(manager.models.slots[0].pipe)
+                    field("fast", choices=fast, visible=bool(fast))
+                    if not fast:
+                        gr.Markdown(f"Fast draft: not available. {look.NO_FAST}", elem_id="dt-fast-missing")
+                    field("max_vram")
+                with gr.Accordion("Direct the look (optional): prompts over time, keyframes, a style image",
+                                  open=False):
+                    field("prompt_at")
+                    extra = page_look.build(gr, manager)
+                    if manager.models.ip_adapter:
+                        field("style_scale")
                 with gr.Accordion("Styles: LoRAs and textual inversions (your files)", open=False):
                     loras = gr.File(label="LoRA files (.safetensors) for SD1.5", file_count="multiple",
                                     type="filepath", elem_id="dt-loras")
@@ -283,7 +165,7 @@ def build_app(manager):
                     gr.HTML(_render_row(job), min_height=0)
                     show = gr.Button("Show", size="sm", min_width=60, elem_classes="dt-show")
                     show.click(on_show(job.id), [token], [job_id, source, input_player, message, result, previews,
-                                                          *settings_inputs], **private).then(
+                                                          *restored], **private).then(
                         watch, [token, job_id], watch_outputs, concurrency_limit=None, **private)
                     if job.status in ("cancelled", "failed"):
                         again = gr.Button("Resume", size="sm", min_width=60, elem_classes="dt-resume-row")
@@ -302,6 +184,7 @@ def build_app(manager):
                        "itself is noise." if demo_models else ""), elem_id="dt-limits")
 
         settings_inputs = [controls[f.name] for f in FIELDS]
+        restored = [*settings_inputs, *extra.times, extra.note]  # what a job puts back in the form
         watch_outputs = [status, previews, result, render, cancel, resume, renders_version]
 
         # -- handlers
@@ -319,20 +202,20 @@ def build_app(manager):
         def restore(tok, job):
             """The form as the job was made: its video in the player, its settings in the controls."""
             return ((job.id, job.input_name), input_html(job.id, job.input_name), result_html(job),
-                    previews_html(manager, job), *form_values(job.settings_obj()))
+                    previews_html(manager, job), *form_values(job.settings_obj()), *page_look.restore(job))
 
         def on_load(tok):
             tok = manager.check_token(tok)
             job = manager.latest(tok)
             if job is None:
-                return (tok, tok, None) + (gr.skip(),) * (4 + len(settings_inputs))
+                return (tok, tok, None) + (gr.skip(),) * (4 + len(restored))
             return (tok, tok, job.id) + restore(tok, job)
 
         def on_show(jid):
             def show(tok):
                 job = manager.job(tok, jid)
                 if job is None:
-                    return (gr.skip(),) * (6 + len(settings_inputs))
+                    return (gr.skip(),) * (6 + len(restored))
                 key, player, res, prev, *values = restore(tok, job)
                 return (job.id, key, player, "", res, prev, *values)
             return show
@@ -392,11 +275,20 @@ def build_app(manager):
         def on_trim(meta, start_, end_, nth_):
             return _describe(meta, start_, end_, nth_)
 
+        def on_pick(tok, src, seconds):
+            try:
+                return page_look.frame_picker(manager, manager.check_token(tok), src, seconds)
+            except Exception:  # noqa: BLE001  a picker that cannot show a frame shows none
+                return ""
+
         def on_demo_clip():
             return manager.serve_copy(manager.demo_clip(), "demo-clip.mp4")
 
-        def on_render(tok, jid, src, path, lora_files, embedding_files, confirmed_, *values):
+        def on_render(tok, jid, src, path, lora_files, embedding_files, confirmed_, style_image, *values):
             tok = manager.check_token(tok)
+            n = page_look.KEYFRAME_SLOTS
+            keyframes, style_image = page_look.inputs(values[:n], values[n:2 * n], style_image)
+            values = values[2 * n:]
 
             def refused(text):  # the message stays; the result on screen is marked as the previous one
                 previous = manager.job(tok, jid) if jid else None
@@ -407,9 +299,9 @@ def build_app(manager):
                 settings = settings_from_form(values, d)
                 video = path or manager.source_path(tok, src)
                 request = repr((str(video), [str(p) for p in lora_files or []], [str(p) for p in embedding_files or []],
-                                settings))
+                                settings, keyframes, style_image))
                 job = manager.submit(tok, video, settings, lora_files or [], embedding_files or [],
-                                     confirmed=confirmed_ == request)
+                                     confirmed=confirmed_ == request, keyframes=keyframes, style_image=style_image)
             except TooLong as e:
                 previous = manager.job(tok, jid) if jid else None
                 return (tok, gr.skip(), _error_html(str(e)), result_html(previous, previous=True) if previous
@@ -432,6 +324,10 @@ def build_app(manager):
                 return jid, _error_html(str(e))
             return job.id, ""
 
+        def live_url(job):
+            live = manager.live_preview_file(job)
+            return _url(job.id, live, job.live.get("preview_step", "")) if live else None
+
         async def watch(tok, jid):
             """Follow a job until it ends: every change of its progress, place in line or previews. It never
             touches the message: that belongs to the last action, and stays until the next one."""
@@ -452,10 +348,14 @@ def build_app(manager):
                     if job.preview_version != seen_previews or first:
                         seen_previews = job.preview_version
                         preview_update = previews_html(manager, job)
-                    result_update = result_html(job) if job.status != seen_status else gr.skip()
+                    # a job that has ended is on screen already (drawn by load / Show / a refused Render, which
+                    # marks it as the previous result): only a change of state draws it again
+                    changed = job.status != seen_status and not (first and terminal)
+                    result_update = result_html(job) if changed else gr.skip()
                     list_update = time.time() if job.status != seen_status else gr.skip()
                     seen_status = job.status
-                    yield (status_html(job, manager.place(job), wait=manager.wait_seconds(job)), preview_update,
+                    yield (status_html(job, manager.place(job), wait=manager.wait_seconds(job),
+                                       preview=live_url(job)), preview_update,
                            result_update, gr.update(interactive=terminal),
                            gr.update(interactive=job.status in ("queued", "running")),
                            gr.update(visible=job.status in ("cancelled", "failed")), list_update)
@@ -465,7 +365,7 @@ def build_app(manager):
                 await asyncio.sleep(0.1)
 
         app.load(on_load, [token], [token, session_box, job_id, source, input_player, result, previews,
-                                    *settings_inputs], **private).then(
+                                    *restored], **private).then(
             None, [session_box], None, js=SET_COOKIE_JS, **private).then(
             watch, [token, job_id], watch_outputs, concurrency_limit=None, **private)
         upload.change(on_upload, [token, upload, controls["start"], controls["end"], controls["every_nth"]],
@@ -474,10 +374,16 @@ def build_app(manager):
             controls[name].change(on_trim, [info_state, controls["start"], controls["end"], controls["every_nth"]],
                                   [info], **private)
         demo_clip.click(on_demo_clip, None, [upload], **private)
+        for time_, picker in zip(extra.times, extra.pickers):  # the frame picker: your video at the keyframe's time
+            time_.change(on_pick, [token, source, time_], [picker], **private)
+        source.change(lambda tok, src, *times: [on_pick(tok, src, t) for t in times], [token, source, *extra.times],
+                      extra.pickers, **private)
         render.click(None, None, None, js=SHOW_STATUS_JS, **private)
         cancel.click(None, None, None, js=SHOW_STATUS_JS, **private)
-        render.click(on_render, [token, job_id, source, upload, loras, embeddings, confirmed, *settings_inputs],
+        render.click(on_render, [token, job_id, source, upload, loras, embeddings, confirmed, extra.style,
+                                 *extra.images, *extra.times, *settings_inputs],
                      [token, job_id, message, result, confirmed], concurrency_limit=4, **private).then(
+            None, None, None, js=MARK_FIELD_JS, **private).then(
             watch, [token, job_id], watch_outputs, concurrency_limit=None, **private)
         cancel.click(on_cancel, [token, job_id], [message], **private)
         resume.click(on_resume, [token, job_id], [job_id, message], **private).then(
@@ -499,8 +405,7 @@ def private_files(manager):
 
     fastapi_app = App()
 
-    @fastapi_app.get(f"/{FILE_ROUTE}/{{key}}/{{name:path}}")
-    def session_file(key: str, name: str, request: Request):
+    def session_file(key, name, request):
         token = request.cookies.get(COOKIE)
         if not token:
             return PlainTextResponse("this file belongs to a session: open the page first", status_code=403)
@@ -508,6 +413,11 @@ def private_files(manager):
         if path is None:
             return PlainTextResponse("not found", status_code=404)
         return FileResponse(path, headers={"Cache-Control": "private, no-store"})
+
+    # real classes, not this module's postponed (string) annotations: FastAPI resolves strings in the module's
+    # globals, where Request is not, and would take `request` for a query parameter (422)
+    session_file.__annotations__ = {"key": str, "name": str, "request": Request}
+    fastapi_app.get(f"/{FILE_ROUTE}/{{key}}/{{name:path}}")(session_file)
 
     return fastapi_app
 

@@ -15,15 +15,16 @@ from .jobs import ACTIVE
 from .settings import _duration
 
 STAGE_WORDS = {
-    "queued": "Waiting in line", "reading": "Reading the video", "conditions": "Making the condition frames",
+    "queued": "Waiting in line", "cuts": "Finding the scene cuts", "reading": "Reading the video", "conditions": "Making the condition frames",
+    "keyframes": "Spreading your keyframes' colours over the video (FastBlend)",
     "edit": "Editing branch: drawing the colour video", "fastblend": "Editing branch: smoothing the colour video",
     "denoising": "Drawing", "decoding": "Decoding the frames", "writing": "Writing the video", "done": "Done",
     "interrupted": "Cancelled",
 }
 # share of the whole render each stage stands for (an overall bar that only moves forward)
-_STAGE_SHARE = {"reading": 0.02, "conditions": 0.06, "edit": 0.2, "fastblend": 0.04, "denoising": 0.58,
+_STAGE_SHARE = {"reading": 0.02, "conditions": 0.06, "keyframes": 0.1, "edit": 0.2, "fastblend": 0.04, "denoising": 0.58,
                 "decoding": 0.06, "writing": 0.04}
-_STAGE_ORDER = ["reading", "conditions", "edit", "fastblend", "denoising", "decoding", "writing"]
+_STAGE_ORDER = ["reading", "conditions", "keyframes", "edit", "fastblend", "denoising", "decoding", "writing"]
 CONDITION_LABELS = {"lineart": "Lineart", "tile": "Colour", "softedge": "Soft edges", "depth": "Depth"}
 COLOR_CAPTION = "Colour (edited)"  # the editing branch's colour video, the tile ControlNet's input
 
@@ -110,7 +111,7 @@ class _RecordingDetector:
 # ---------------------------------------------------------------------------------------------- progress
 # what the pipeline may add to its progress dict, kept until it says otherwise: the path of its latest preview
 # (image or video) and the step it shows, its memory plan (one line) and, at the end, its quality report (a dict)
-LIVE_KEYS = ("preview", "preview_step", "memory_plan", "report")
+LIVE_KEYS = ("preview", "preview_step", "preview_steps", "memory_plan", "report", "scene_cuts")
 _BAR_STAGES = (("editing branch", "edit"), ("denoising", "denoising"), ("decoding", "decoding"),
                ("lineart", "conditions"), ("softedge", "conditions"), ("depth", "conditions"))
 
@@ -141,7 +142,8 @@ class ProgressAdapter:
             self.pipe._interrupt = True  # also after the pipeline reset the flag at the start of its call
         job.progress = d
         job.events += 1
-        job.fraction = max(job.fraction, overall_fraction(d, bool(job.settings.get("edit_prompt"))))
+        job.fraction = max(job.fraction, overall_fraction(d, bool(job.settings.get("edit_prompt")),
+                                                          bool(job.settings.get("keyframes"))))
         self.notify(job)
 
     def stage(self, stage, done=0, total=0, **extra):
@@ -231,14 +233,14 @@ class ProgressAdapter:
         return _RecordingDetector(detector, kind, self) if detector is not None else None
 
 
-def overall_fraction(d, edit):
+def overall_fraction(d, edit, keyframes=False):
     """The share of the whole render done at this progress dict (stages weighted by _STAGE_SHARE)."""
     stage = d.get("stage")
     if stage == "done":
         return 1.0
     if stage not in _STAGE_SHARE:
         return 0.0
-    stages = [s for s in _STAGE_ORDER if edit or s not in ("edit", "fastblend")]
+    stages = [s for s in _STAGE_ORDER if (edit or s not in ("edit", "fastblend")) and (keyframes or s != "keyframes")]
     if stage in ("conditions",) and d.get("pass") == "edit" and edit:
         stage = "edit"  # the editing branch's own conditions: counted with it
     shares = [_STAGE_SHARE[s] for s in stages]
@@ -273,14 +275,39 @@ def _drawing(p):
 
 
 def _report_html(report, escape):
-    rows = "".join(f"<tr><th scope=\"row\">{escape(str(k))}</th><td>{escape(f'{v:.4g}' if isinstance(v, float) else str(v))}"
-                   f"</td></tr>" for k, v in report.items())
-    return f'<table class="dt-report" aria-label="Quality report"><caption>Quality report</caption>{rows}</table>'
+    """The quality report at the end, in the CLI's words (diffutoon/report.py's summary line)."""
+    from ..report import summary
+
+    return f'<div class="dt-note dt-report" aria-label="Quality report">{escape(summary(report))}</div>'
 
 
-def status_html(job, place=(0, 0), escape=html.escape, wait=None):
+def _cuts_text(cuts):
+    """The scene cuts the render used (rendered frame indices), in a few words."""
+    if not cuts:
+        return "Scene cuts: none found, one shot."
+    shown = ", ".join(str(c) for c in cuts[:12]) + (", \u2026" if len(cuts) > 12 else "")
+    return f"Scene cuts at frames {shown}: {len(cuts) + 1} shots, each rendered on its own."
+
+
+def live_preview_html(src, caption, escape=html.escape):
+    """The pipeline's latest preview under the progress bar (an image, or a video for .mp4/.gif previews)."""
+    alt = escape(caption)
+    media = (f'<video src="{src}" autoplay loop muted aria-label="{alt}"></video>'
+             if src.split("?")[0].lower().endswith((".mp4", ".webm", ".mov")) else f'<img src="{src}" alt="{alt}">')
+    return f'<figure class="dt-live" id="dt-live">{media}<figcaption>{alt}</figcaption></figure>'
+
+
+def preview_caption(live):
+    step, steps = live.get("preview_step"), live.get("preview_steps")
+    if step is None:
+        return "Live preview"
+    return f"Live preview after step {step}" + (f" of {steps}" if steps else "")
+
+
+def status_html(job, place=(0, 0), escape=html.escape, wait=None, preview=None):
     """The progress block of the page: words for people (announced by screen readers: role="status"), data-*
-    attributes for scripts and tests. `wait`: the estimated seconds a queued job waits."""
+    attributes for scripts and tests. `wait`: the estimated seconds a queued job waits; `preview`: the URL of the
+    pipeline's latest preview, shown under the bar while the job runs."""
     live = 'role="status" aria-live="polite" aria-atomic="true"'
     if job is None:
         return (f'<div id="dt-progress" data-state="idle" {live}><div class="dt-stage">Upload a video (or use the demo '
@@ -304,7 +331,7 @@ def status_html(job, place=(0, 0), escape=html.escape, wait=None):
             text = "Editing branch: making its condition frames"
         if stage in ("denoising", "edit"):
             text += _drawing(p)
-        elif stage in ("reading", "conditions", "decoding") and p.get("total"):
+        elif stage in ("reading", "conditions", "decoding", "keyframes") and p.get("total"):
             text += f": frame {p.get('done', 0)} of {p['total']}"
         eta = p.get("eta_seconds")
         text += f" \u00b7 about {_duration(eta)} left" if eta else " \u00b7 estimating the time left"
@@ -314,8 +341,12 @@ def status_html(job, place=(0, 0), escape=html.escape, wait=None):
     live_ = job.live or {}
     if live_.get("memory_plan"):
         note += f'<div class="dt-note dt-memory">Memory: {escape(str(live_["memory_plan"]))}</div>'
+    if live_.get("scene_cuts") is not None:
+        note += f'<div class="dt-note dt-cuts">{escape(_cuts_text(list(live_["scene_cuts"])))}</div>'
     if state == "done" and isinstance(live_.get("report"), dict) and live_["report"]:
         note += _report_html(live_["report"], escape)
+    if preview and state in ("running", "cancelling"):
+        note += live_preview_html(preview, preview_caption(live_), escape)
     attrs = {"state": state, "stage": stage, "step": p.get("step", 0), "steps": p.get("steps", 0),
              "window": p.get("window", 0), "windows": p.get("windows", 0), "done": p.get("done", 0),
              "total": p.get("total", 0), "events": job.events, "fraction": f"{job.fraction:.4f}", "job": job.id}

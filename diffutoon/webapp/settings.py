@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .. import cli
@@ -22,7 +22,9 @@ PAGE_LABELS = {
     "--height": "Height", "--width": "Width", "--resize": "Shape", "--short-side": "Width/Height",
     "--steps": "Steps", "--guidance-scale": "Guidance", "--context-length": "Window length",
     "--context-stride": "Window stride", "--lineart-scale": "Lineart strength", "--tile-scale": "Colour strength",
-    "--seed": "Seed", "--lora": "LoRA", "--textual-inversion": "Textual inversion",
+    "--seed": "Seed", "--lora": "LoRA", "--textual-inversion": "Textual inversion", "--fast": "Fast draft",
+    "--max-vram": "Max GPU memory", "--prompt-at": "Prompts at times", "--scene-cuts": "Scene cuts",
+    "--keyframe": "Keyframe", "--style-image": "Style image", "--style-scale": "Style strength",
 }
 
 
@@ -45,6 +47,27 @@ def page_message(text, paths=None):
     for path, name in (paths or {}).items():
         text = text.replace(str(path), name)
     return text
+
+
+# the control a message is about, from the page's words in it (the first named, longer names first): its elem_id
+_FIELD_WORDS = {"Every n-th frame": "dt-every-nth", "Start/End": "dt-start", "Start": "dt-start", "End": "dt-end",
+                "Width/Height": "dt-width", "Width": "dt-width", "Height": "dt-height", "Window stride": "dt-context-stride",
+                "Window length": "dt-context-length", "Steps": "dt-steps", "Editing prompt": "dt-edit-prompt",
+                "Prompts at times": "dt-prompt-at", "Scene cuts": "dt-scene-cuts", "Max GPU memory": "dt-max-vram",
+                "Fast draft": "dt-fast", "Keyframe": "dt-keyframe-1", "Style image": "dt-style-image",
+                "LoRA": "dt-loras", "Textual inversion": "dt-embeddings", "Guidance": "dt-guidance-scale",
+                "Seed": "dt-seed", "Negative prompt": "dt-negative-prompt", "Prompt": "dt-prompt"}
+_FIELD_RE = re.compile("|".join(rf"\b{re.escape(w)}\b" for w in sorted(_FIELD_WORDS, key=len, reverse=True)))
+
+
+def field_of(message):
+    """The elem_id of the control a one-line message is about (None: the message is about no one control).
+
+    >>> field_of("empty frame range: start=9, end=8; change Start/End")
+    'dt-start'
+    """
+    m = _FIELD_RE.search(message or "")
+    return _FIELD_WORDS[m[0]] if m else None
 
 
 def one_line(e, paths=None):
@@ -85,7 +108,7 @@ class Field:
     name: str
     label: str
     kind: str  # number | int | slider | text | radio
-    group: str  # part | prompt | edit | size | style: the page's section
+    group: str  # part | prompt | edit | size | style | look: the page's section
     minimum: float | None = None
     maximum: float | None = None
     step: float | None = None
@@ -126,6 +149,18 @@ FIELDS = (
     Field("tile_scale", "Colour strength", "slider", "size", 0, 2, 0.05, info="How closely the colours are kept"),
     Field("seed", "Seed", "int", "size", info="Same seed and settings: same result"),
     Field("lora_scale", "LoRA strength", "slider", "style", 0, 2, 0.05),
+    # issues 17-19: the choices of Fast draft depend on the app's motion adapter (page.py)
+    Field("fast", "Fast draft", "radio", "size",
+          info="A few-step draft with the app's distilled motion adapter; it sets Steps and Guidance itself"),
+    Field("max_vram", "Max GPU memory", "text", "size", placeholder="e.g. 12GB",
+          info="Memory the render may use, weights included; empty: the free memory. The plan is shown while it runs"),
+    Field("scene_cuts", "Scene cuts", "text", "part", placeholder="auto",
+          info="auto: found in the video; none; or the times where new shots start (2.5s, 7s). Each shot is "
+               "rendered on its own"),
+    Field("prompt_at", "Prompts at times", "text", "look", lines=3, placeholder="2.5s=a girl dancing, night",
+          info="Optional, one per line: TIME=PROMPT (seconds of your video, 2.5s; or a frame number). The prompt "
+               "changes smoothly from the one before; Prompt is the one at the start"),
+    Field("style_scale", "Style strength", "slider", "look", 0, 2, 0.05),
 )
 
 
@@ -182,10 +217,19 @@ class Settings:
     seed: int = 0
     lora_scale: float = 1.0
     decode_chunk_size: int = 8  # frames per VAE decode: 1 on a CPU, so that progress and Cancel act per frame
+    fast: str = ""  # --fast: "" (not asked), "auto" (the adapter's preset), "off", or a preset
+    max_vram: str = ""  # --max-vram
+    scene_cuts: str = "auto"  # --scene-cuts
+    prompt_at: str = ""  # --prompt-at, one POSITION=PROMPT a line
+    style_scale: float = 0.6  # --style-scale
+    keyframes: list = field(default_factory=list)  # [[seconds, file name in the job's keyframes/]]: --keyframe
+    style_image: str = ""  # file name in the job's style/: --style-image
 
-    def argv(self, input_path):
+    def argv(self, input_path, folder=None):
         """The `diffutoon render` command line these settings stand for (options as --name=value, so that a
-        prompt starting with "-" stays a prompt)."""
+        prompt starting with "-" stays a prompt); `folder` holds the keyframes/ and style/ files (default: the
+        input's folder, the job's)."""
+        folder = Path(folder if folder is not None else Path(input_path).parent)
         def num(x):
             if isinstance(x, float) and x.is_integer():
                 x = int(x)
@@ -199,11 +243,19 @@ class Settings:
             argv += [f"--edit-prompt={self.edit_prompt.strip()}", f"--edit-steps={num(self.edit_steps)}",
                      f"--edit-height={num(self.edit_size)}", f"--edit-width={num(self.edit_size)}"]
         argv += [f"--height={num(self.height)}", f"--width={num(self.width)}", f"--resize={self.shape}",
-                 f"--short-side={num(min(self.width, self.height))}", f"--steps={num(self.steps)}",
-                 f"--guidance-scale={num(self.guidance_scale)}", f"--context-length={num(self.context_length)}",
+                 f"--short-side={num(min(self.width, self.height))}"]
+        if not self.fast or self.fast == "off":  # a Fast draft preset sets the steps and guidance itself
+            argv += [f"--steps={num(self.steps)}", f"--guidance-scale={num(self.guidance_scale)}"]
+        argv += [f"--context-length={num(self.context_length)}",
                  f"--context-stride={num(self.context_stride)}", f"--lineart-scale={num(self.lineart_scale)}",
                  f"--tile-scale={num(self.tile_scale)}", f"--seed={num(self.seed)}",
-                 f"--decode-chunk-size={num(self.decode_chunk_size)}"]
+                 f"--decode-chunk-size={num(self.decode_chunk_size)}", f"--scene-cuts={self.scene_cuts or 'auto'}"]
+        argv += [f"--fast={self.fast}"] if self.fast else []
+        argv += [f"--max-vram={self.max_vram.strip()}"] if (self.max_vram or "").strip() else []
+        argv += [f"--prompt-at={line.strip()}" for line in (self.prompt_at or "").splitlines() if line.strip()]
+        argv += [f"--keyframe={num(t)}s={folder / 'keyframes' / name}" for t, name in self.keyframes or []]
+        if self.style_image:
+            argv += [f"--style-image={folder / 'style' / self.style_image}", f"--style-scale={num(self.style_scale)}"]
         return argv
 
     def summary(self):
@@ -211,7 +263,12 @@ class Settings:
         part = f"{self.start:g}\u2013{self.end:g} s" if self.end else (f"from {self.start:g} s" if self.start else "whole")
         nth = f", every {self.every_nth}th frame" if self.every_nth > 1 else ""
         edit = f", edit \u201c{self.edit_prompt}\u201d" if (self.edit_prompt or "").strip() else ""
-        return f"{self.width}x{self.height} {self.shape}, {self.steps} steps, seed {self.seed}, {part}{nth}{edit}"
+        fast = f", fast draft ({self.fast})" if self.fast and self.fast != "off" else ""
+        look = "".join([f", {len(self.keyframes)} keyframe(s)" if self.keyframes else "",
+                        ", style image" if self.style_image else "",
+                        ", prompts at times" if (self.prompt_at or "").strip() else ""])
+        return (f"{self.width}x{self.height} {self.shape}, {self.steps} steps, seed {self.seed}, {part}{nth}{edit}"
+                f"{fast}{look}")
 
 
 def parse_render_args(argv):
