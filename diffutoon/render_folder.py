@@ -619,14 +619,25 @@ def tensor_fingerprint(values) -> str:
     return digest.hexdigest()[:16]
 
 
+def _bits_sum(flat: torch.Tensor) -> int:
+    """The sum of a tensor's raw bits read as integers: exact, so it does not depend on the order of the reduction
+    (a float sum changes in its last digits with the number of threads, and a resume on another machine would be
+    refused)."""
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}.get(flat.element_size())
+    if ints is None:  # no model holds such tensors; their float sum is still a fingerprint
+        return int(flat.double().sum().item() * 2**20)
+    return int(flat.contiguous().view(ints).to(torch.int64).sum())
+
+
 def module_fingerprint(module: torch.nn.Module) -> str:
-    """Parameters and buffers (names, shapes, a strided sample and the sum of each), active adapters included."""
+    """Parameters and buffers (names, shapes, a strided sample and the exact sum of the bits of each), active adapters
+    included: the same on every machine and thread count for the same weights."""
     digest = hashlib.sha256(type(module).__name__.encode())
     with torch.no_grad():
         for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
             flat = tensor.detach().reshape(-1)
             sample = flat[:: max(1, flat.numel() // 64)].float().cpu().numpy()
-            digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype} {float(flat.double().sum())}".encode())
+            digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype} {_bits_sum(flat)}".encode())
             digest.update(sample.tobytes())
     for layer in module.modules():  # peft LoRA scales set by set_adapters live outside the parameters
         scaling = getattr(layer, "scaling", None)

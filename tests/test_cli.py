@@ -255,18 +255,21 @@ def test_demo_runs_offline_in_minutes(tmp_path):
     print(f"demo: {seconds:.1f} s")  # timed in bench/, never asserted here
 
 
-def test_a_killed_render_resumes_from_its_work_dir_with_the_same_frames(tmp_path):
+def test_a_killed_render_resumes_from_its_work_dir_with_the_same_frames(tmp_path, monkeypatch, capfd, caplog):
     """Issue 10 as a user meets it: `diffutoon render` killed (SIGKILL) mid-render, the same command again resumes
     ("resuming ... at step k of n") and writes what an uninterrupted render writes; a changed prompt is refused in
-    one line; --fresh starts over; the work dir goes once the output is written."""
+    one line; --fresh starts over; the work dir goes once the output is written. Only the killed run is a process of
+    its own (the others run `main` here: the same code, without a second start of torch)."""
     env = offline_env(tmp_path)
+    for key in ("HF_HUB_OFFLINE", "HF_HOME"):
+        monkeypatch.setenv(key, env[key])
     clip = vio.make_demo_clip(tmp_path / "in.mp4", num_frames=8, height=32, width=32, fps=8)
     demo = ["demo", "--input", str(clip), "--steps", "3", "--height", "32", "--width", "32", "-q"]
-    assert run_cli([*demo, "-o", str(tmp_path / "ref"), "--in-memory"], env).returncode == 0
     work, out = tmp_path / "work", tmp_path / "frames"
     argv = [*demo, "-o", str(out), "--work-dir", str(work)]
     proc = subprocess.Popen([sys.executable, "-m", "diffutoon", *argv], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+    assert cli.main([*demo, "-o", str(tmp_path / "ref"), "--in-memory"]) == 0  # the reference, meanwhile
     progress, deadline = work / "progress.json", time.time() + 240
     while proc.poll() is None and time.time() < deadline:  # kill it once step 2 is under way
         try:
@@ -278,17 +281,18 @@ def test_a_killed_render_resumes_from_its_work_dir_with_the_same_frames(tmp_path
     proc.kill()
     proc.communicate()
     assert proc.returncode == -9 and not out.exists() and (work / "manifest.json").exists()
-    changed = run_cli([*argv, "--prompt", "a cat"], env)
-    assert changed.returncode == 2
-    assert_one_line_error(changed.stderr, "holds a different render", "prompt differs", "--fresh")
-    resumed = run_cli(argv, env)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming the main pass at step 2 of 3" in resumed.stderr
+    capfd.readouterr()
+    assert cli.main([*argv, "--prompt", "a cat"]) == 2
+    assert_one_line_error(capfd.readouterr().err, "holds a different render", "prompt differs", "--fresh")
+    caplog.clear()
+    assert cli.main(argv) == 0
+    assert "resuming the main pass at step 2 of 3" in capfd.readouterr().err + caplog.text  # (pytest takes the log)
     frames = lambda folder: [np.asarray(PIL.Image.open(p)) for p in sorted(folder.iterdir())]  # noqa: E731
     assert all(np.array_equal(a, b) for a, b in zip(frames(out), frames(tmp_path / "ref"), strict=True))
     assert not work.exists()
-    fresh = run_cli([*demo, "-o", str(tmp_path / "again"), "--work-dir", str(work), "--fresh", "--keep-work-dir"], env)
-    assert fresh.returncode == 0 and "resuming" not in fresh.stderr and (work / "manifest.json").exists()
+    caplog.clear()
+    assert cli.main([*demo, "-o", str(tmp_path / "again"), "--work-dir", str(work), "--fresh", "--keep-work-dir"]) == 0
+    assert "resuming" not in capfd.readouterr().err + caplog.text and (work / "manifest.json").exists()
 
 
 def test_render_options_map_onto_the_pipeline_with_the_reference_defaults():

@@ -384,3 +384,26 @@ def test_sizes_are_shown_in_sensible_units():
 
 def test_torch_seed_range_matches_the_cli():
     torch.Generator().manual_seed(2**64 - 1)  # the largest --seed accepted is one torch takes
+
+
+def test_model_fingerprints_do_not_depend_on_the_thread_count():
+    """A render resumed on a machine with another core count (or under torchrun, one thread a process) has the same
+    models: their fingerprints must not take a float sum whose last digits depend on how the threads split it."""
+    from diffutoon.render_folder import module_fingerprint, setting_identity
+    from diffutoon.tiny import tiny_lineart_detector
+
+    threads = torch.get_num_threads()
+    try:
+        seen = set()
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            seen.add(setting_identity(tiny_lineart_detector()))
+        assert len(seen) == 1
+    finally:
+        torch.set_num_threads(threads)
+    detector = tiny_lineart_detector()
+    before = module_fingerprint(detector.model_coarse)
+    with torch.no_grad():
+        weight = detector.model_coarse.model0[1].weight
+        weight.view(-1)[5] = torch.nextafter(weight.view(-1)[5], torch.tensor(1.0))  # one bit of one value
+    assert module_fingerprint(detector.model_coarse) != before
