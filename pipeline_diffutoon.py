@@ -1272,8 +1272,9 @@ class DiffutoonPipeline(
                                                                edit_prompt, color_video)
             arguments["keyframes"] = _import("diffutoon.keyframes", "keyframes").identity(keyframes)
         scene_cuts = arguments["scene_cuts"] = _scene_cuts(scene_cuts, source, "scene_cuts")  # "auto": detected now
-        if scene_cuts is not None and edit_settings:
-            edit_settings["scene_cuts"] = scene_cuts  # the editing branch renders the same shots
+        if edit_settings:  # the editing branch renders the same shots, else its own (edit_kwargs), checked now
+            edit_settings["scene_cuts"] = scene_cuts if scene_cuts is not None else _scene_cuts(
+                edit_settings["scene_cuts"], source, "edit_kwargs['scene_cuts']")
         self._interrupt = False
         self._guidance_scale = guidance_scale
 
