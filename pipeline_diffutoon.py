@@ -1250,7 +1250,7 @@ class DiffutoonPipeline(
         scheduler, num_inference_steps, guidance_scale, generator = fast_settings(
             self.scheduler, self.config.get("motion_adapter_kind"), fast_mode, num_inference_steps, guidance_scale,
             strength, generator)
-        Previewer.check(preview)
+        Previewer.check(preview, output_path, getattr(source.clip, "path", None))
 
         # 1. Check inputs before any model runs
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):

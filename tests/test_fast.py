@@ -162,6 +162,18 @@ def test_previews_and_fast_mode_off_leave_the_render_unchanged(job_pipe, job_ref
     assert saved == pytest.approx(expected, rel=1e-9)
 
 
+def test_a_preview_over_the_output_is_refused_before_any_work(job_pipe, tmp_path, monkeypatch):
+    def no_models(*args, **kwargs):
+        raise AssertionError("a model ran")
+
+    monkeypatch.setattr(job_pipe, "prepare_control_frames", no_models)
+    out, frames = tmp_path / "out.mp4", tmp_path / "frames"
+    for output, preview in [(out, out), (frames, frames / "live.png")]:  # it made the output "exist" after all the work
+        with pytest.raises(ValueError, match="preview .* is \\(in\\) the render's output_path"):
+            job_pipe(**job(), output_path=output, fps=8, preview=preview)
+    assert not out.exists() and not frames.exists()
+
+
 def test_the_quality_report_against_fastblend_metrics_and_by_hand():
     from fastblend.metrics import warping_error
 
