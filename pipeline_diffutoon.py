@@ -1406,6 +1406,8 @@ class DiffutoonPipeline(
                 return InMemoryRender(progress_callback)
             needed = folder_bytes(len(source), height, width, len(self.controlnets), self.vae_scale_factor,
                                    edit_settings, len(self.edit_controlnets))
+            if arguments["keyframes"] is not None:  # painted keyframes: the guide and the colour video
+                needed += 2 * len(source) * height * width * 3
             return RenderFolder(render_dir, identity, fresh, progress_callback, needed, keep=arguments["keep_render_dir"])
 
         if group is None:
