@@ -1640,6 +1640,9 @@ class DiffutoonPipeline(
             ({"video", "edit_prompt", "negative_prompt", "generator"} & set(edit_kwargs))
         if unknown:
             raise ValueError(f"edit_kwargs has unknown settings {sorted(unknown)}: see `make_color_video`'s arguments.")
+        if {"ip_adapter_image", "ip_adapter_image_embeds"} & set(edit_kwargs):  # the call's style goes to both
+            raise ValueError("edit_kwargs cannot set the style image of both passes: pass `ip_adapter_image` (or "
+                             "`ip_adapter_image_embeds`) to the call itself.")
         if edit_prompt is not None and color_video is not None:
             raise ValueError("Pass either `edit_prompt` (run the editing branch) or `color_video` (your own), not both.")
         if color_video is not None and len(color_video) != video.shape[0]:
