@@ -569,6 +569,9 @@ def cmd_render(args):
     out = _output_path(args, f"{args.input.stem}-diffutoon.mp4")
     vio.check_room(out, vio.output_bytes(out, len(indices), *_check_sizes(args, reader)))  # before the work
     _prompt_schedule(args, indices, reader.fps)  # a --prompt-at outside the frames fails before any model loads
+    from . import fast_cli
+
+    fast_cli.check_cli(args, out, _import_pipeline().DiffutoonDDIMScheduler())  # --fast, --preview, before the work
     if args.edit_prompt:
         params = inspect.signature(_import_pipeline().DiffutoonPipeline.__call__).parameters
         if "edit_prompt" not in params:
