@@ -673,7 +673,10 @@ _CLI_NAMES = {"fresh=True (--fresh)": "--fresh", "fresh=True": "--fresh", "--ove
               "input.indices": "the frame range (--start/--end/--every-nth/--max-frames)",
               "input.size": "the frame size (--height/--width/--resize)", "input.policy": "--resize",
               "input.sha256": "the input file's content", "input.bytes": "the input file's size",
-              "input.shape": "the frames (--start/--end/--height/--width)", "input.fps": "the input's frame rate"}
+              "input.shape": "the frames (--start/--end/--height/--width)", "input.fps": "the input's frame rate",
+              "settings.fast_mode": "--fast", "settings.scene_cuts": "--scene-cuts", "settings.edit.scene_cuts":
+              "--scene-cuts", "settings.keyframes": "--keyframe", "settings.long_prompt": "--long-prompt",
+              "settings.style.image": "--style-image", "settings.style.scales": "--style-scale"}
 _CLI_WORDS = re.compile("|".join(re.escape(k) for k in sorted(_CLI_NAMES, key=len, reverse=True)) + r"(?![\w.])")
 
 
