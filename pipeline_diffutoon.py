@@ -1550,6 +1550,15 @@ class DiffutoonPipeline(
         tensors = {"latents": _video_latents(latents), "prompt_embeds": cond.prompt_embeds,
                    "negative_prompt_embeds": cond.negative_prompt_embeds}
         outputs = callback(self, i, t, {k: tensors[k] for k in callback_inputs}) or {}
+        for name, frames in (("prompt_embeds", cond.prompt_frames), ("negative_prompt_embeds", cond.negative_prompt_frames)):
+            new = outputs.get(name)
+            if frames is None or new is None or len(new) == len(frames):
+                continue
+            if len(new) == 1 and torch.equal(new, tensors[name][-1:]):  # diffusers' "the conditional half" (CFG cutoff):
+                outputs.pop(name)  # ours are that already, one row per key frame of the prompts over time
+            else:
+                raise ValueError(f"callback_on_step_end returned {name} of {len(new)} rows: with prompts over time it "
+                                 f"must keep one per key frame ({len(frames)}).")
         if "latents" in outputs:
             latents.write(0, outputs.pop("latents")[0].transpose(0, 1).float().cpu().numpy())
         cond.prompt_embeds = outputs.pop("prompt_embeds", cond.prompt_embeds)
