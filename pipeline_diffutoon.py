@@ -1250,7 +1250,7 @@ class DiffutoonPipeline(
         scheduler, num_inference_steps, guidance_scale, generator = fast_settings(
             self.scheduler, self.config.get("motion_adapter_kind"), fast_mode, num_inference_steps, guidance_scale,
             strength, generator)
-        Previewer.check(preview)
+        Previewer.check(preview, output_path, getattr(source.clip, "path", None))
 
         # 1. Check inputs before any model runs
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
@@ -1272,8 +1272,9 @@ class DiffutoonPipeline(
                                                                edit_prompt, color_video)
             arguments["keyframes"] = _import("diffutoon.keyframes", "keyframes").identity(keyframes)
         scene_cuts = arguments["scene_cuts"] = _scene_cuts(scene_cuts, source, "scene_cuts")  # "auto": detected now
-        if scene_cuts is not None and edit_settings:
-            edit_settings["scene_cuts"] = scene_cuts  # the editing branch renders the same shots
+        if edit_settings:  # the editing branch renders the same shots, else its own (edit_kwargs), checked now
+            edit_settings["scene_cuts"] = scene_cuts if scene_cuts is not None else _scene_cuts(
+                edit_settings["scene_cuts"], source, "edit_kwargs['scene_cuts']")
         self._interrupt = False
         self._guidance_scale = guidance_scale
 
@@ -1405,6 +1406,8 @@ class DiffutoonPipeline(
                 return InMemoryRender(progress_callback)
             needed = folder_bytes(len(source), height, width, len(self.controlnets), self.vae_scale_factor,
                                    edit_settings, len(self.edit_controlnets))
+            if arguments["keyframes"] is not None:  # painted keyframes: the guide and the colour video
+                needed += 2 * len(source) * height * width * 3
             return RenderFolder(render_dir, identity, fresh, progress_callback, needed, keep=arguments["keep_render_dir"])
 
         if group is None:
@@ -1547,6 +1550,15 @@ class DiffutoonPipeline(
         tensors = {"latents": _video_latents(latents), "prompt_embeds": cond.prompt_embeds,
                    "negative_prompt_embeds": cond.negative_prompt_embeds}
         outputs = callback(self, i, t, {k: tensors[k] for k in callback_inputs}) or {}
+        for name, frames in (("prompt_embeds", cond.prompt_frames), ("negative_prompt_embeds", cond.negative_prompt_frames)):
+            new = outputs.get(name)
+            if frames is None or new is None or len(new) == len(frames):
+                continue
+            if len(new) == 1 and torch.equal(new, tensors[name][-1:]):  # diffusers' "the conditional half" (CFG cutoff):
+                outputs.pop(name)  # ours are that already, one row per key frame of the prompts over time
+            else:
+                raise ValueError(f"callback_on_step_end returned {name} of {len(new)} rows: with prompts over time it "
+                                 f"must keep one per key frame ({len(frames)}).")
         if "latents" in outputs:
             latents.write(0, outputs.pop("latents")[0].transpose(0, 1).float().cpu().numpy())
         cond.prompt_embeds = outputs.pop("prompt_embeds", cond.prompt_embeds)
@@ -1637,6 +1649,9 @@ class DiffutoonPipeline(
             ({"video", "edit_prompt", "negative_prompt", "generator"} & set(edit_kwargs))
         if unknown:
             raise ValueError(f"edit_kwargs has unknown settings {sorted(unknown)}: see `make_color_video`'s arguments.")
+        if {"ip_adapter_image", "ip_adapter_image_embeds"} & set(edit_kwargs):  # the call's style goes to both
+            raise ValueError("edit_kwargs cannot set the style image of both passes: pass `ip_adapter_image` (or "
+                             "`ip_adapter_image_embeds`) to the call itself.")
         if edit_prompt is not None and color_video is not None:
             raise ValueError("Pass either `edit_prompt` (run the editing branch) or `color_video` (your own), not both.")
         if color_video is not None and len(color_video) != video.shape[0]:

@@ -569,6 +569,9 @@ def cmd_render(args):
     out = _output_path(args, f"{args.input.stem}-diffutoon.mp4")
     vio.check_room(out, vio.output_bytes(out, len(indices), *_check_sizes(args, reader)))  # before the work
     _prompt_schedule(args, indices, reader.fps)  # a --prompt-at outside the frames fails before any model loads
+    from . import fast_cli
+
+    fast_cli.check_cli(args, out, _import_pipeline().DiffutoonDDIMScheduler())  # --fast, --preview, before the work
     if args.edit_prompt:
         params = inspect.signature(_import_pipeline().DiffutoonPipeline.__call__).parameters
         if "edit_prompt" not in params:
@@ -670,7 +673,10 @@ _CLI_NAMES = {"fresh=True (--fresh)": "--fresh", "fresh=True": "--fresh", "--ove
               "input.indices": "the frame range (--start/--end/--every-nth/--max-frames)",
               "input.size": "the frame size (--height/--width/--resize)", "input.policy": "--resize",
               "input.sha256": "the input file's content", "input.bytes": "the input file's size",
-              "input.shape": "the frames (--start/--end/--height/--width)", "input.fps": "the input's frame rate"}
+              "input.shape": "the frames (--start/--end/--height/--width)", "input.fps": "the input's frame rate",
+              "settings.fast_mode": "--fast", "settings.scene_cuts": "--scene-cuts", "settings.edit.scene_cuts":
+              "--scene-cuts", "settings.keyframes": "--keyframe", "settings.long_prompt": "--long-prompt",
+              "settings.style.image": "--style-image", "settings.style.scales": "--style-scale"}
 _CLI_WORDS = re.compile("|".join(re.escape(k) for k in sorted(_CLI_NAMES, key=len, reverse=True)) + r"(?![\w.])")
 
 

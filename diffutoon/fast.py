@@ -184,6 +184,17 @@ def lightning_kind(source) -> str | None:
     return f"lightning-{int(match.group(1))}" if match else None
 
 
+def source_kind(source) -> str | None:
+    """The kind `load_motion_adapter` finds for `source`, from its name and folder alone (nothing loaded): the CLI
+    checks --fast with it before reading any frame."""
+    source = os.fspath(source)
+    if os.path.isfile(source):
+        return lightning_kind(source)
+    if (Path(source) / LCM_LORA).is_file() or ("animatelcm" in source.lower() and not os.path.isdir(source)):
+        return "animatelcm"
+    return None
+
+
 def adapter_config_from_state_dict(state_dict: dict, **overrides) -> dict:
     """A `MotionAdapter` config for a diffusers-layout state dict: the block widths, motion layers per block, mid block
     and positional length read from the weights; the rest (heads, norm groups) AnimateDiff v2's, which Lightning and

@@ -37,6 +37,22 @@ def _preview_path(text: str) -> Path:
     return Path(text)
 
 
+def check_cli(args, out, scheduler) -> None:
+    """Before any frame is read or model loaded, one ValueError for: a --preview over the output or the input, or a
+    --fast (or none) that the --motion-adapter, known by its name, does not take (`scheduler`: the pipeline's)."""
+    import torch
+
+    from diffutoon.fast import fast_settings, source_kind
+    from diffutoon.previews import Previewer
+
+    if getattr(args, "preview", None) is not None:
+        Previewer.check(args.preview, out, args.input)
+    fast = getattr(args, "fast", None)
+    if fast != "off":
+        fast_settings(scheduler, source_kind(args.motion_adapter), fast, args.steps, args.guidance_scale, args.strength,
+                      torch.Generator())
+
+
 def cli_arguments(args, pipe) -> dict:
     """The pipeline arguments of those options (the preview VAE loaded onto the pipeline's device)."""
     kwargs = {"fast_mode": getattr(args, "fast", None), "preview": getattr(args, "preview", None)}

@@ -58,13 +58,19 @@ class Previewer:
         self.check(path)
 
     @staticmethod
-    def check(preview):
-        """One ValueError before any model runs for a `preview` that is not None, a bool or an image/video path."""
+    def check(preview, output_path=None, input_path=None):
+        """One ValueError before any model runs for a `preview` that is not None, a bool or an image/video path, or
+        that would be written over (or into) the render's output or its input video."""
         if preview is None or isinstance(preview, bool):
             return
         if not isinstance(preview, (str, os.PathLike)) or Path(preview).suffix.lower() not in IMAGE_SUFFIXES + VIDEOS:
             raise ValueError(f"preview must be None, True, False or a path ending in {', '.join(IMAGE_SUFFIXES + VIDEOS)}; "
                              f"got {preview!r}.")
+        where = Path(os.path.realpath(preview))
+        for name, path in (("output_path", output_path), ("input video", input_path)):
+            taken = None if path is None else Path(os.path.realpath(path))
+            if taken is not None and (where == taken or taken in where.parents):  # the output's file or PNG folder
+                raise ValueError(f"preview {preview} is (in) the render's {name} {path}: write previews elsewhere.")
 
     def wants_all_frames(self) -> bool:
         return self.path is not None and self.path.suffix.lower() not in IMAGE_SUFFIXES

@@ -295,6 +295,13 @@ def test_a_killed_render_resumes_from_its_work_dir_with_the_same_frames(tmp_path
     assert "resuming" not in capfd.readouterr().err + caplog.text and (work / "manifest.json").exists()
 
 
+def test_a_refused_resume_names_the_options_of_the_new_settings():
+    for key, option in [("fast_mode", "--fast"), ("scene_cuts", "--scene-cuts"), ("edit.scene_cuts", "--scene-cuts"),
+                        ("keyframes", "--keyframe"), ("long_prompt", "--long-prompt"), ("style.image", "--style-image"),
+                        ("style.scales", "--style-scale")]:
+        assert cli._cli_words(f"settings.{key} differs (1 in the folder, 2 now)") == f"{option} differs (1 in the folder, 2 now)"
+
+
 def test_render_options_map_onto_the_pipeline_with_the_reference_defaults():
     """Every generation option reaches the pipeline under its own name; the defaults are SPEC's main pass."""
     import pipeline_diffutoon

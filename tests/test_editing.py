@@ -181,3 +181,18 @@ def test_cross_attention_kwargs_reach_the_editing_branch(edit_pipe, monkeypatch)
             render(edit_pipe, make_video(N, SIZE), edit_prompt="blue sky", edit_kwargs=edit_kwargs,
                    cross_attention_kwargs={"scale": 0.3})
     assert seen == [{"scale": 0.3}, {"scale": 0.9}]
+
+
+@pytest.mark.parametrize("key", ["ip_adapter_image", "ip_adapter_image_embeds"])
+def test_a_style_in_edit_kwargs_is_refused_before_any_model_runs(job_pipe, monkeypatch, key):
+    from render_job import job
+
+    def no_models(*args, **kwargs):
+        raise AssertionError("a model ran")
+
+    monkeypatch.setattr(job_pipe, "prepare_control_frames", no_models)
+    kwargs = job(edit=True)
+    kwargs["edit_kwargs"][key] = PIL.Image.new("RGB", (8, 8)) if key == "ip_adapter_image" else [torch.zeros(2, 1, 16)]
+    # it was ignored beside the call's style image, or an AttributeError inside the branch without an IP-Adapter
+    with pytest.raises(ValueError, match="the style image of both passes"):
+        job_pipe(**kwargs)

@@ -2,6 +2,7 @@
 consistency checks, bit-identical resume after SIGKILL and 2 processes == 1 in fast mode, and live previews."""
 
 import json
+import re
 import signal
 
 import numpy as np
@@ -162,6 +163,18 @@ def test_previews_and_fast_mode_off_leave_the_render_unchanged(job_pipe, job_ref
     assert saved == pytest.approx(expected, rel=1e-9)
 
 
+def test_a_preview_over_the_output_is_refused_before_any_work(job_pipe, tmp_path, monkeypatch):
+    def no_models(*args, **kwargs):
+        raise AssertionError("a model ran")
+
+    monkeypatch.setattr(job_pipe, "prepare_control_frames", no_models)
+    out, frames = tmp_path / "out.mp4", tmp_path / "frames"
+    for output, preview in [(out, out), (frames, frames / "live.png")]:  # it made the output "exist" after all the work
+        with pytest.raises(ValueError, match="preview .* is \\(in\\) the render's output_path"):
+            job_pipe(**job(), output_path=output, fps=8, preview=preview)
+    assert not out.exists() and not frames.exists()
+
+
 def test_the_quality_report_against_fastblend_metrics_and_by_hand():
     from fastblend.metrics import warping_error
 
@@ -232,3 +245,26 @@ def test_the_cli_renders_a_fast_draft_with_a_preview_and_prints_the_report(tmp_p
     assert "fast_mode='auto' needs a distilled motion adapter" in capsys.readouterr().err
     assert cli.main(["render", str(source), "-o", str(tmp_path / "o3.mp4"), "--preview", "p.txt", *options]) == 2
     assert "--preview: use a path ending in .png" in capsys.readouterr().err
+
+
+def test_the_cli_refuses_fast_and_preview_mistakes_before_reading_frames_or_loading_models(tmp_path, monkeypatch, capsys):
+    from diffutoon import cli
+    from diffutoon import video as vio
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("frames read or models loaded")
+
+    source = vio.make_demo_clip(tmp_path / "in.mp4", num_frames=3, height=32, width=32, fps=8)
+    lightning = tmp_path / "animatediff_lightning_4step_diffusers.safetensors"
+    lightning.write_bytes(b"")  # known by its name, as the loader knows it
+    monkeypatch.setattr(cli, "_check_sources", lambda sources: None)
+    monkeypatch.setattr(cli, "_resolve_look", no_work)  # --scene-cuts auto reads every frame
+    monkeypatch.setattr(cli, "_load_pipeline", no_work)
+    out = tmp_path / "out.mp4"
+    for extra, message in [(["--fast"], "fast_mode='auto' needs a distilled motion adapter"),
+                           (["--motion-adapter", str(lightning)], "made for fast_mode='lightning-4'"),
+                           (["--motion-adapter", str(lightning), "--fast", "lcm-4"], "does not fit"),
+                           (["--preview", str(out)], "is \\(in\\) the render's output_path"),
+                           (["--preview", str(source)], "is \\(in\\) the render's input video")]:
+        assert cli.main(["render", str(source), "-o", str(out), "--device", "cpu", "-q", *extra]) == 2, extra
+        assert re.search(message, capsys.readouterr().err), extra

@@ -43,6 +43,17 @@ def test_keyframes_are_the_tile_input_and_fastblend_interpolates_the_frames_betw
     assert not np.array_equal(out.frames[0], job_reference["main"])
 
 
+def test_the_render_folders_room_check_counts_the_keyframes_frames(job_pipe, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from diffutoon import render_folder
+
+    without = render_folder.folder_bytes(N, SIZE, SIZE, 2, job_pipe.vae_scale_factor, {}, 2)
+    monkeypatch.setattr(render_folder.shutil, "disk_usage", lambda path: SimpleNamespace(free=without + 1000))
+    with pytest.raises(RenderFolderError, match="the render folder needs about"):  # the guide and colour videos too
+        job_pipe(**job(), keyframes=painted(), keyframe_kwargs=KF, render_dir=tmp_path / "render")
+
+
 def test_keyframe_errors_come_before_any_model_runs(job_pipe):
     v, calls = job()["video"], []
     hook = job_pipe.unet.register_forward_pre_hook(lambda *a: calls.append(1))

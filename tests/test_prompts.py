@@ -207,6 +207,23 @@ def test_a_schedule_resumes_bit_identically_and_is_part_of_the_identity(tiny_pip
     assert torch.equal(call(tiny_pipe, **SCHEDULE, render_dir=tmp_path / "r"), renders["schedule"])
 
 
+def test_diffusers_cfg_cutoff_callback_works_with_a_schedule(tiny_pipe):
+    from diffusers.callbacks import SDCFGCutoffCallback
+
+    def cutoff(pipe, i, t, tensors):  # what SDCFGCutoffCallback means: no negative branch from step 1 on
+        if i == 1:
+            pipe._guidance_scale = 0.0
+        return {}
+
+    # its prompt_embeds[-1:] (diffusers' conditional half) cut the schedule to one key: an IndexError in the next step
+    cfg_cutoff = SDCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=1)
+    out = call(tiny_pipe, **SCHEDULE, num_inference_steps=3, callback_on_step_end=cfg_cutoff)
+    assert torch.equal(out, call(tiny_pipe, **SCHEDULE, num_inference_steps=3, callback_on_step_end=cutoff))
+    with pytest.raises(ValueError, match="prompt_embeds of 3 rows: with prompts over time it must keep one per key"):
+        call(tiny_pipe, **SCHEDULE, callback_on_step_end_tensor_inputs=["prompt_embeds"],
+             callback_on_step_end=lambda p, i, t, k: {"prompt_embeds": k["prompt_embeds"][:1].repeat(3, 1, 1)})
+
+
 def _two_processes(rank, pipe, kwargs):
     return call(pipe, **kwargs)
 

@@ -75,6 +75,18 @@ def test_auto_finds_a_hard_cut_in_a_video_file_and_lists_are_checked(tmp_path):
             _scene_cuts(bad, _as_source(smooth), "scene_cuts")
 
 
+def test_the_editing_branchs_own_scene_cuts_are_checked_before_any_model_runs(job_pipe, monkeypatch):
+    def no_models(*args, **kwargs):
+        raise AssertionError("a model ran")
+
+    monkeypatch.setattr(job_pipe, "prepare_control_frames", no_models)
+    for bad, message in [([100], r"\[100\] outside 1..8"), ("sometimes", "must be 'auto'")]:
+        kwargs = job(edit=True)
+        kwargs["edit_kwargs"]["scene_cuts"] = bad
+        with pytest.raises(ValueError, match=message):
+            job_pipe(**kwargs)
+
+
 def test_cli_maps_keyframes_and_cuts_to_the_rendered_frames_and_prints_the_cuts(tmp_path, monkeypatch, capsys):
     import PIL.Image
     from distributed_job import tiny_load
