@@ -1250,6 +1250,8 @@ class DiffutoonPipeline(
         scheduler, num_inference_steps, guidance_scale, generator = fast_settings(
             self.scheduler, self.config.get("motion_adapter_kind"), fast_mode, num_inference_steps, guidance_scale,
             strength, generator)
+        # the render's identity: what samples (scheduler, steps, guidance), however it was asked for
+        arguments.update(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, _sampler=scheduler)
         Previewer.check(preview, output_path, getattr(source.clip, "path", None))
 
         # 1. Check inputs before any model runs
@@ -1425,12 +1427,14 @@ class DiffutoonPipeline(
         ignored = ("self", "video", "output_type", "return_dict", "callback_on_step_end", "render_dir", "fresh",
                    "keep_render_dir", "output_path", "fps", "progress_callback", "edit_kwargs", "distributed",
                    "decode_chunk_size", "overwrite", "memory_plan", "memory_budget", "preview",
-                   "preview_vae")  # operational: they do not change the frames
+                   "preview_vae",  # operational: they do not change the frames
+                   "fast_mode", "_sampler")  # a preset is its scheduler, steps and guidance, below and above
         settings = {k: setting_identity(v) for k, v in arguments.items() if k not in ignored}
         settings["edit"] = {k: setting_identity(v) for k, v in edit_settings.items() if k not in ignored}
         settings["style"] = style_identity(self, arguments["ip_adapter_image"], arguments["ip_adapter_image_embeds"])
-        settings["scheduler"] = [type(self.scheduler).__name__,
-                                 setting_identity({k: v for k, v in self.scheduler.config.items() if k[0] != "_"})]
+        sampler = arguments.get("_sampler", self.scheduler)  # a fast preset's, or the pipeline's
+        settings["scheduler"] = [type(sampler).__name__,
+                                 setting_identity({k: v for k, v in sampler.config.items() if k[0] != "_"})]
         settings["pipeline"] = {"controlnet_conditions": self.config.controlnet_conditions,
                                 "edit_controlnet_conditions": self.config.edit_controlnet_conditions,
                                 "dtype": str(self.unet.dtype), "device": self._execution_device.type,

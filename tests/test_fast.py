@@ -131,6 +131,27 @@ def test_sigkill_then_resume_in_fast_mode_is_bit_identical(job_pipe, tmp_path, p
     assert np.array_equal(resumed, job_pipe(**fast_job(preset, steps)).frames[0])
 
 
+def test_the_identity_is_what_samples_not_how_it_was_asked(job_pipe, monkeypatch):
+    """A resume is refused only when the sampling differs: None and "off" (the pipeline's scheduler), a preset with its
+    steps left to it or given the same, are each one render; another preset or scheduler is another."""
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def open_render(self, render_dir, fresh, progress_callback, arguments, source, height, width, edit_settings):
+        seen.append(json.dumps(self._render_identity(arguments, source, edit_settings)["settings"], sort_keys=True))
+        raise Stop
+
+    monkeypatch.setattr(DiffutoonPipeline, "_open_render", open_render)
+    for kwargs in [dict(), dict(fast_mode="off"), dict(num_inference_steps=10, fast_mode="lightning-2"),
+                   dict(num_inference_steps=2, guidance_scale=1.0, fast_mode="lightning-2"),
+                   dict(num_inference_steps=10, fast_mode="lightning-4"), dict(num_inference_steps=10, fast_mode="lcm-4")]:
+        with pytest.raises(Stop):
+            job_pipe(**{**job(num_inference_steps=10), **kwargs})
+    assert seen[0] == seen[1] and seen[2] == seen[3] and len(set(seen)) == 4
+
+
 def _fast_render(rank, job_pipe):
     return job_pipe(**fast_job("lcm-4", 3)).frames
 
