@@ -1273,6 +1273,8 @@ class DiffutoonPipeline(
             keyframes, keyframe_kwargs = self._check_keyframes(source, keyframes, keyframe_kwargs, height, width,
                                                                edit_prompt, color_video)
             arguments["keyframes"] = _import("diffutoon.keyframes", "keyframes").identity(keyframes)
+        elif keyframe_kwargs:
+            raise ValueError("keyframe_kwargs are FastBlend's options for `keyframes`: pass keyframes too, or drop them.")
         scene_cuts = arguments["scene_cuts"] = _scene_cuts(scene_cuts, source, "scene_cuts")  # "auto": detected now
         if edit_settings:  # the editing branch renders the same shots, else its own (edit_kwargs), checked now
             edit_settings["scene_cuts"] = scene_cuts if scene_cuts is not None else _scene_cuts(

@@ -67,6 +67,7 @@ def test_keyframe_errors_come_before_any_model_runs(job_pipe):
             (dict(keyframes={0: v[0]}, keyframe_kwargs=dict(window_size=3)), r"keyframe_kwargs has unknown settings"),
             (dict(keyframes={0: v[0]}, keyframe_kwargs=None), "too small for one pyramid level"),  # the defaults
             (dict(keyframes=[v[0]]), "keyframes must be a non-empty dict"),
+            (dict(keyframes=None), "pass keyframes too"),  # FastBlend's options alone would be ignored
         ]:
             with pytest.raises(ValueError, match=message):
                 job_pipe(**job(), **{"keyframe_kwargs": KF, **kwargs})
