@@ -458,7 +458,7 @@ class DiffutoonConditions:
     cross_attention_kwargs: dict | None = None
     branch: str = "main"  # "main": controlnet; "edit": edit_controlnet (the editing branch)
     cross_frame: Any = None  # the editing branch's `attention_processors.CrossFrameState`, told each window's length
-    reuse: bool = True  # compute what no window changes once per step and branch (issue 11)
+    reuse: bool | str = True  # compute what no window changes once per step and branch (issue 11); "host": cached there
     group: Any = None  # diffutoon.distributed.Group: the windows split over processes (issue 12)
     prompt_frames: tuple | None = None  # prompts over time: the key frames of prompt_embeds (K, L, D); None: (1, L, D)
     negative_prompt_frames: tuple | None = None
@@ -866,7 +866,8 @@ class DiffutoonPipeline(
 
         # the editing branch's first transformer attends across frames: only its ControlNets are per frame
         window_independent_prefix = cond.cross_frame is None and has_prefix(self.unet)
-        return WindowReuse(cond.windows, controlnet, prefix if window_independent_prefix else None)
+        return WindowReuse(cond.windows, controlnet, prefix if window_independent_prefix else None,
+                           host=cond.reuse == "host")  # the memory plan's reuse cache in host memory
 
     def iter_window_predictions(self, latents, t, cond: DiffutoonConditions, windows=None):
         """Yield (start, end, weighted prediction) for `windows` (default: all), in order: eq. 4's normalised weight
