@@ -39,10 +39,15 @@ NO_REUSE_COST = 1.29
 # a 12 GB card; bench/RESULTS.md). Models on the device only for their stage: the weights move a few times per render.
 HOST_CACHE_COST = 1.04
 STAGE_COST = 1.001
-# Each model on the device only for its call: the UNet's and ControlNets' weights (~4 GB in fp16) move in and out for
-# every window. Priced above every other combination: the plan picks it only when nothing else fits.
+# The ControlNets on the device only for their call: their weights (0.7 GB each in fp16) move in and out per window
+# and CFG branch group (~6 GB per window with 2 ControlNets and one branch per call: ~0.25 s at 25 GB/s).
+NETS_COST = 1.1
+# Each model on the device only for its call (model CPU offload): the UNet's weights move too (~16 GB per window).
+# Priced above every other combination: the plan picks it only when nothing else fits.
 CALL_COST = 1.5
-PLACEMENTS = ("all", "stage", "call")  # where the weights live: all on the device, per stage, per call
+# Where the weights live: all on the device; each model only for its stage; the ControlNets only for their call;
+# each model only for its call.
+PLACEMENTS = ("all", "stage", "nets", "call")
 PCIE_BYTES_PER_S = 25e9  # host <-> device rate the time estimates assume (PCIe 4.0 x16, pinned; pageable ~half)
 
 
@@ -219,6 +224,16 @@ def window_bytes(unet, nets, height: int, width: int, frames: int, branches: int
     prefixes for the window's frames beside the copies the call gets; with `host_cache` the cache is in host memory
     and the device holds the call's copies only (the UNet's first transformer output besides what it computes
     itself). Weights are not counted."""
+    return max(window_phase_bytes(unet, nets, height, width, frames, branches, memory_efficient=memory_efficient,
+                                  ff_chunk=ff_chunk, reuse_branches=reuse_branches, motion_context=motion_context,
+                                  vae_scale_factor=vae_scale_factor, text_tokens=text_tokens,
+                                  joint_frames=joint_frames, motion=motion, host_cache=host_cache))
+
+
+def window_phase_bytes(unet, nets, height: int, width: int, frames: int, branches: int, *, memory_efficient=True,
+                       ff_chunk=None, reuse_branches=0, motion_context=None, vae_scale_factor=8, text_tokens=77,
+                       joint_frames=None, motion=True, host_cache=False) -> tuple:
+    """`window_bytes` as (peak while the ControlNets run, peak while the UNet runs): their weights may differ."""
     if ff_chunk and ff_chunk >= branches * frames * (height // vae_scale_factor) * (width // vae_scale_factor):
         ff_chunk = None  # no feed-forward sees more tokens than the first level's: the chunking changes nothing
     key = ("window", _config_key(unet), tuple(_config_key(n) for n in nets), height, width, frames, branches,
@@ -232,7 +247,7 @@ def window_bytes(unet, nets, height: int, width: int, frames: int, branches: int
         prefix = unet.config.block_out_channels[0] * (height // vae_scale_factor) * (width // vae_scale_factor) * motion
         held = (branches * frames * prefix if host_cache else reuse_branches * frames * (per_frame + 2 * prefix))
         held *= unet.dtype.itemsize
-    return max(controlnets, unet_peak + held)
+    return controlnets, unet_peak + held
 
 
 @torch.no_grad()
@@ -340,9 +355,12 @@ def placed_models(pipe) -> dict:
 
 def companions(name: str, names, placement: str) -> set:
     """The models that may stay on the accelerator while `name` runs. "stage": the UNet with the ControlNets of the
-    pass running (a window calls them all), every other model alone; "call": each model alone."""
+    pass running (a window calls them all), every other model alone; "nets": a ControlNet with the UNet, the UNet
+    alone; "call": each model alone."""
     if placement == "call" or not name.startswith(("unet", "controlnet", "edit_controlnet")):
         return {name}
+    if placement == "nets":
+        return {"unet", name}
     branch = [n for n in names if n.startswith("edit_controlnet" if name.startswith("edit") else "controlnet")]
     if name == "unet":  # the pass's ControlNets ran first (or were evicted by them): keep whichever are there
         branch = [n for n in names if "controlnet" in n]
@@ -355,8 +373,8 @@ def _device_of(module) -> torch.device:
 
 @contextmanager
 def placed(pipe, placement: str):
-    """Run `pipe` with its models on the accelerator only for their stage or call (`placement` "stage" / "call";
-    "all": as they are). accelerate hooks, as diffusers' `enable_model_cpu_offload` installs them, move a model to
+    """Run `pipe` with its models on the accelerator only for their stage or call (`placement` "stage", "nets" /
+    "call", see `companions`; "all": as they are). accelerate hooks, as diffusers' `enable_model_cpu_offload` installs them, move a model to
     the execution device before its call and the models it must not share the device with to the CPU; on exit every
     model goes back where it was (and diffusers' model CPU offload, if it was on, is put back). The weights are only
     moved, so the result is the same. `pipe._placement_log` lists (model called, models on the device) per move."""
@@ -402,10 +420,10 @@ def placed(pipe, placement: str):
 
 
 def placements(pipe) -> tuple:
-    """The placements the plan may choose: all three, or with diffusers' model CPU offload on, "stage" and "call"
-    (its hooks are replaced for the call); with other accelerate hooks (sequential offload) the models stay as set."""
+    """The placements the plan may choose: all, or with diffusers' model CPU offload on all but "all" (its hooks are
+    replaced for the call); with other accelerate hooks (sequential offload) the models stay as they are set."""
     if getattr(pipe, "_all_hooks", None):
-        return ("stage", "call")
+        return PLACEMENTS[1:]
     if any(hasattr(m, "_hf_hook") for m in placed_models(pipe).values()):
         return ("all",)
     return PLACEMENTS
@@ -432,7 +450,7 @@ class MemoryPlan:
     parts: dict = field(default_factory=dict)  # bytes: weights (main windows), window, decode, encode, edit ...
     enabled: tuple = ()  # what the plan changes from the call as given, in words
     relative_time: float = 1.0  # estimated time against the call as given (FLOPs are the same)
-    placement: str = "all"  # "all" on the device, "stage": each model only for its stage, "call": only for its call
+    placement: str = "all"  # "all" on the device, "stage" / "nets" / "call": see `companions`
 
     def __str__(self):
         budget = f"{_size(self.budget)} {'free' if self.budget_source == 'free' else 'budget'}"
@@ -480,21 +498,23 @@ def _has_memory_efficient_attention(pipe) -> bool:
 
 def estimate_memory(pipe, height, width, context_length=16, batch_cfg=True, guidance_scale=7.0, forward_chunk_size=None,
                     memory_efficient_attention=None, decode_chunk_size=8, reuse_across_windows=True, strength=1.0,
-                    edit_settings=None, motion_context=None, placement="all") -> dict:
+                    edit_settings=None, motion_context=None, placement="all", weights=None) -> dict:
     """Peak bytes of each stage of a render with these switches: {"weights" (resident during the main windows),
     "window", "decode", "encode", "edit window", "edit decode" (activations), "total" (the largest of each stage's
     resident weights + activations)}. `memory_efficient_attention` None: as installed; `reuse_across_windows`
-    True, "host" or False; `placement` "all", "stage" or "call" (see `placed`)."""
+    True, "host" or False; `placement` one of `PLACEMENTS` (see `placed`); `weights`: `stage_weights`'s, if known."""
     memeff = _has_memory_efficient_attention(pipe) if memory_efficient_attention is None else memory_efficient_attention
     cfg = 2 if guidance_scale > 1 else 1
     branches = cfg if batch_cfg else 1
     scale = pipe.vae_scale_factor
-    weights = stage_weights(pipe, placement)
-    parts = {"weights": weights["window"]}
-    parts["window"] = window_bytes(pipe.unet, pipe.controlnets, height, width, context_length, branches,
+    weights = weights or stage_weights(pipe, placement)
+    parts = {"weights": max(weights["window"])}
+    phases = {}
+    phases["window"] = window_phase_bytes(pipe.unet, pipe.controlnets, height, width, context_length, branches,
                                    memory_efficient=memeff, ff_chunk=forward_chunk_size,
                                    reuse_branches=cfg if reuse_across_windows else 0, motion_context=motion_context,
                                    vae_scale_factor=scale, host_cache=reuse_across_windows == "host")
+    parts["window"] = max(phases["window"])
     parts["decode"] = vae_bytes(pipe.vae, height, width, decode_chunk_size, memory_efficient=memeff)
     if strength < 1:
         parts["encode"] = vae_bytes(pipe.vae, height, width, decode_chunk_size, memory_efficient=memeff, encode=True)
@@ -503,30 +523,32 @@ def estimate_memory(pipe, height, width, context_length=16, batch_cfg=True, guid
         edit_cfg = 2 if e.get("guidance_scale", 7.0) > 1 else 1
         edit_chunk = min(decode_chunk_size, e.get("decode_chunk_size", 8))
         reuse = e.get("reuse_across_windows", True) and reuse_across_windows
-        parts["edit window"] = window_bytes(pipe.unet, pipe.edit_controlnets, e["height"], e["width"],
+        phases["edit window"] = window_phase_bytes(pipe.unet, pipe.edit_controlnets, e["height"], e["width"],
                                             e["context_length"], edit_cfg if batch_cfg else 1, memory_efficient=memeff,
                                             ff_chunk=forward_chunk_size, vae_scale_factor=scale, motion=False,
                                             reuse_branches=edit_cfg if reuse else 0, host_cache=reuse == "host",
                                             joint_frames=e["context_length"] if e.get("cross_frame_mode", "joint") == "joint" else None)
+        parts["edit window"] = max(phases["edit window"])
         parts["edit decode"] = vae_bytes(pipe.vae, e["height"], e["width"], edit_chunk, memory_efficient=memeff)
-    stage = {"window": "window", "edit window": "edit window"}
-    parts["total"] = max([weights["text"]] + [weights[stage.get(k, "vae")] + v for k, v in parts.items()
-                                              if k != "weights"])
+    stages = [weights["text"]] + [w + a for k, pair in phases.items() for w, a in zip(weights[k], pair)]
+    parts["total"] = max(stages + [weights["vae"] + v for k, v in parts.items() if "decode" in k or k == "encode"])
     return parts
 
 
 def stage_weights(pipe, placement: str = "all") -> dict:
-    """Bytes of the weights on the accelerator during each stage ("text", "window", "edit window", "vae")."""
+    """Bytes of the weights on the accelerator during each stage: "text", "vae", and for "window" and "edit window"
+    a pair (while the ControlNets run, while the UNet runs)."""
     models = placed_models(pipe)
     if placement == "all":
-        return dict.fromkeys(("text", "window", "edit window", "vae"), resident_weights(pipe))
-    nets = {branch: [m for n, m in models.items() if n.startswith(branch)] for branch in ("controlnet", "edit_")}
-    if placement == "stage":
-        window, edit = weight_bytes(pipe.unet, *nets["controlnet"]), weight_bytes(pipe.unet, *nets["edit_"])
-    else:
-        window, edit = (max(weight_bytes(m) for m in (pipe.unet, *nets[b])) for b in ("controlnet", "edit_"))
+        every = resident_weights(pipe)
+        return {"text": every, "window": (every, every), "edit window": (every, every), "vae": every}
+    unet, stages = weight_bytes(pipe.unet), {}
+    for stage, branch in (("window", "controlnet"), ("edit window", "edit_")):
+        nets = [weight_bytes(m) for n, m in models.items() if n.startswith(branch)] or [0]
+        stages[stage] = {"stage": (unet + sum(nets),) * 2, "nets": (unet + max(nets), unet),
+                         "call": (max(nets), unet)}[placement]
     text = max(weight_bytes(models[n]) for n in ("text_encoder", "image_encoder") if n in models)
-    return {"text": text, "window": window, "edit window": edit, "vae": weight_bytes(pipe.vae)}
+    return {"text": text, "vae": weight_bytes(pipe.vae), **stages}
 
 
 def resident_weights(pipe) -> int:
@@ -547,7 +569,7 @@ def default_budget(device) -> int:
 def _cost(option) -> float:
     _, ff, serial, reuse, placement = option
     return (FF_COST[ff] * (SERIAL_CFG_COST if serial else 1.0) * {True: 1.0, "host": HOST_CACHE_COST, False: NO_REUSE_COST}[reuse]
-            * {"all": 1.0, "stage": STAGE_COST, "call": CALL_COST}[placement])
+            * {"all": 1.0, "stage": STAGE_COST, "nets": NETS_COST, "call": CALL_COST}[placement])
 
 
 def _in_words(option, had, decode, decode_chunk_size, strength) -> list:
@@ -559,6 +581,7 @@ def _in_words(option, had, decode, decode_chunk_size, strength) -> list:
             (["reuse cache in host memory"] if reuse == "host" else []) +
             (["no reuse across windows"] if had_reuse and not reuse else []) +
             (["each model on the GPU only for its stage"] if placement == "stage" and had_placement != "stage" else []) +
+            (["the ControlNets on the GPU only for their call"] if placement == "nets" else []) +
             (["last resort, slower: model CPU offload (each model on the GPU only for its call)"]
              if placement == "call" else []) +
             ([f"VAE {'encode and ' if strength < 1 else ''}decode {decode} frame{'s' if decode > 1 else ''} at a time"]
@@ -590,10 +613,13 @@ def plan_memory(pipe, height, width, context_length=16, batch_cfg=True, guidance
         ((True, ff, serial, reuse, place) for ff in chunks for serial in serials for reuse in reuses for place in where),
         key=_cost)
 
+    weights = {place: stage_weights(pipe, place) for place in where}  # once: the estimates below only add them up
+
     def settings(option):
         memeff, ff, serial, reuse, place = option
         return dict(common, batch_cfg=batch_cfg and not serial, forward_chunk_size=ff or had_chunk,
-                    memory_efficient_attention=memeff, reuse_across_windows=reuse, placement=place)
+                    memory_efficient_attention=memeff, reuse_across_windows=reuse, placement=place,
+                    weights=weights[place])
 
     least = settings((True, chunks[-1], bool(serials[-1]), False, where[-1]))
     if estimate_memory(pipe, height, width, decode_chunk_size=1, **least)["total"] > budget:  # not with every saving

@@ -113,7 +113,7 @@ def test_host_cache_and_model_placement_give_the_unplanned_frames(tiny_pipe):
     video = make_video(10, SIZE)
     unplanned = render(tiny_pipe, video, memory_plan=None)
     nets = {"controlnet.0", "controlnet.1"}
-    for placement, reuse in (("stage", "host"), ("call", True)):
+    for placement, reuse in (("stage", "host"), ("nets", True), ("call", True)):
         plan = memory.MemoryPlan(SIZE, SIZE, 10**9, "given", reuse_across_windows=reuse, placement=placement)
         planned = render(tiny_pipe, video, memory_plan=plan)
         assert np.array_equal(planned, unplanned), placement
@@ -121,6 +121,7 @@ def test_host_cache_and_model_placement_give_the_unplanned_frames(tiny_pipe):
         assert {name for name, _ in log} == {"text_encoder", "unet", "vae", *nets}
         for name, on_device in log:  # what shares the device with the model called
             allowed = {"unet", *nets} if placement == "stage" and name in {"unet", *nets} else {name}
+            allowed = {"unet", name} if placement == "nets" and name in nets else allowed
             assert name in on_device <= allowed, log
         assert (placement == "stage") == (("unet", {"unet", *nets}) in log)
         assert not any(hasattr(m, "_hf_hook") for m in memory.placed_models(tiny_pipe).values())  # hooks removed
@@ -134,11 +135,17 @@ def test_placement_and_host_cache_lower_the_estimate(tiny_pipe):
     weights = memory.weight_bytes
     unet, nets, vae = tiny_pipe.unet, tiny_pipe.controlnets, tiny_pipe.vae
     assert parts["all"]["weights"] == weights(unet, *nets, vae, tiny_pipe.text_encoder)
-    assert parts["stage"]["weights"] == weights(unet, *nets)
-    assert parts["call"]["weights"] == max(weights(m) for m in (unet, *nets))
+    largest = max(weights(m) for m in nets)
+    assert memory.stage_weights(tiny_pipe, "stage")["window"] == (weights(unet, *nets),) * 2
+    assert memory.stage_weights(tiny_pipe, "nets")["window"] == (weights(unet) + largest, weights(unet))
+    assert memory.stage_weights(tiny_pipe, "call")["window"] == (largest, weights(unet))
+    phases = memory.window_phase_bytes(unet, nets, SIZE, SIZE, 8, 2, memory_efficient=False, reuse_branches=2,
+                                       motion_context=per_frame_motion_groupnorm)
     for p in memory.PLACEMENTS:  # each stage's weights + its activations; the text stage's are not counted
-        assert parts[p]["total"] == max(parts[p]["weights"] + parts[p]["window"], parts[p]["decode"] + (
-            weights(vae) if p != "all" else parts[p]["weights"]))
+        w = memory.stage_weights(tiny_pipe, p)
+        assert parts[p]["total"] == max(w["text"], w["window"][0] + phases[0], w["window"][1] + phases[1],
+                                        w["vae"] + parts[p]["decode"])
+    assert parts["all"]["total"] > parts["stage"]["total"] > parts["call"]["total"]
     cache = {r: memory.estimate_memory(tiny_pipe, SIZE, SIZE, reuse_across_windows=r, **kwargs)["window"]
              for r in (True, "host", False)}
     assert cache[False] <= cache["host"] < cache[True]
