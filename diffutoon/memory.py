@@ -13,7 +13,9 @@ Only stdlib, torch and diffusers are imported: the module ships beside the pipel
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+import os
 import re
 import weakref
 from contextlib import contextmanager, nullcontext
@@ -153,6 +155,11 @@ def _meta_model(cls, config_key: str, dtype: torch.dtype, motion: bool = True):
     return model
 
 
+def _dtype(model) -> torch.dtype:
+    """The model's dtype, as its first parameter's (diffusers' `model.dtype` walks every module)."""
+    return next(model.parameters()).dtype
+
+
 def meta_copy(model, dtype=None, motion: bool = True):
     return _meta_model(type(model), _config_key(model), dtype or model.dtype, motion)
 
@@ -206,12 +213,58 @@ def _meta_kernels(memory_efficient: bool, ff_chunk: int | None, joint_frames: in
 
 
 _PEAKS: dict = {}  # traced peaks by (configs, shapes, switches): a plan re-asks the same questions
+# ... and keeps them on disk, so that a new process plans a size it has seen in milliseconds. The key includes this
+# file's text and the torch / diffusers versions: any change to the estimator or the kernels' meta functions is new.
+
+
+def _cache_file() -> str:
+    """$DIFFUTOON_CACHE (default $XDG_CACHE_HOME/diffutoon or ~/.cache/diffutoon) / memory-estimates.json."""
+    root = os.environ.get("DIFFUTOON_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "diffutoon")
+    return os.path.join(root, "memory-estimates.json")
+
+
+@functools.lru_cache(maxsize=1)
+def _code_version() -> str:
+    import diffusers
+
+    with open(__file__, "rb") as f:
+        return hashlib.sha1(f.read() + torch.__version__.encode() + diffusers.__version__.encode()).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=1)
+def _disk() -> dict:
+    try:
+        with open(_cache_file()) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
 
 
 def _cached(key, compute):
     if key not in _PEAKS:
-        _PEAKS[key] = compute()
+        name = hashlib.sha1(repr((_code_version(), key)).encode()).hexdigest()
+        value = _disk().get(name)
+        if value is None:
+            value = _disk()[name] = compute()
+            _save(_disk())
+        _PEAKS[key] = tuple(value) if isinstance(value, list) else value
     return _PEAKS[key]
+
+
+def _save(entries: dict):
+    """Write the disk cache durably (temporary file, fsync, rename); a cache that cannot be written is skipped."""
+    path = _cache_file()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        temporary = f"{path}.{os.getpid()}.tmp"
+        with open(temporary, "w") as f:
+            json.dump(entries, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except OSError:
+        pass
 
 
 def window_bytes(unet, nets, height: int, width: int, frames: int, branches: int, *, memory_efficient: bool = True,
@@ -238,7 +291,7 @@ def window_phase_bytes(unet, nets, height: int, width: int, frames: int, branche
         ff_chunk = None  # no feed-forward sees more tokens than the first level's: the chunking changes nothing
     key = ("window", _config_key(unet), tuple(_config_key(n) for n in nets), height, width, frames, branches,
            memory_efficient, ff_chunk, getattr(motion_context, "__name__", None), vae_scale_factor,
-           text_tokens, joint_frames, motion, unet.dtype)
+           text_tokens, joint_frames, motion, _dtype(unet))
     controlnets, unet_peak, per_frame = _cached(key, lambda: window_phases(
         meta_copy(unet, motion=motion), [meta_copy(n) for n in nets], height, width, frames, branches,
         memory_efficient, ff_chunk, motion_context, vae_scale_factor, text_tokens, joint_frames))
@@ -246,7 +299,7 @@ def window_phase_bytes(unet, nets, height: int, width: int, frames: int, branche
     if reuse_branches:  # the editing branch (no motion modules, joint attention) caches its ControlNets only
         prefix = unet.config.block_out_channels[0] * (height // vae_scale_factor) * (width // vae_scale_factor) * motion
         held = (branches * frames * prefix if host_cache else reuse_branches * frames * (per_frame + 2 * prefix))
-        held *= unet.dtype.itemsize
+        held *= _dtype(unet).itemsize
     return controlnets, unet_peak + held
 
 
@@ -293,7 +346,7 @@ def window_trace(unet, nets, height, width, frames, branches, memory_efficient=T
 
 def vae_bytes(vae, height: int, width: int, frames: int, *, memory_efficient: bool = True, encode: bool = False) -> int:
     """Peak activation bytes of one VAE call on `frames` frames: decode (latents -> pixels) or encode."""
-    key = ("vae", _config_key(vae), height, width, frames, memory_efficient, encode, vae.dtype)
+    key = ("vae", _config_key(vae), height, width, frames, memory_efficient, encode, _dtype(vae))
     return _cached(key, lambda: _vae_trace(meta_copy(vae), height, width, frames, memory_efficient, encode))
 
 
@@ -538,17 +591,17 @@ def estimate_memory(pipe, height, width, context_length=16, batch_cfg=True, guid
 def stage_weights(pipe, placement: str = "all") -> dict:
     """Bytes of the weights on the accelerator during each stage: "text", "vae", and for "window" and "edit window"
     a pair (while the ControlNets run, while the UNet runs)."""
-    models = placed_models(pipe)
     if placement == "all":
         every = resident_weights(pipe)
         return {"text": every, "window": (every, every), "edit window": (every, every), "vae": every}
-    unet, stages = weight_bytes(pipe.unet), {}
+    models = {name: weight_bytes(m) for name, m in placed_models(pipe).items()}
+    unet, stages = models["unet"], {}
     for stage, branch in (("window", "controlnet"), ("edit window", "edit_")):
-        nets = [weight_bytes(m) for n, m in models.items() if n.startswith(branch)] or [0]
+        nets = [size for n, size in models.items() if n.startswith(branch)] or [0]
         stages[stage] = {"stage": (unet + sum(nets),) * 2, "nets": (unet + max(nets), unet),
                          "call": (max(nets), unet)}[placement]
-    text = max(weight_bytes(models[n]) for n in ("text_encoder", "image_encoder") if n in models)
-    return {"text": text, "vae": weight_bytes(pipe.vae), **stages}
+    text = max(models.get("text_encoder", 0), models.get("image_encoder", 0))
+    return {"text": text, "vae": models["vae"], **stages}
 
 
 def resident_weights(pipe) -> int:
