@@ -89,8 +89,8 @@ try:  # the installed package: one class, whatever loaded this file (saved pipel
     DistributedError, broadcast_frames, map_chunks, open_shared_run, process_group, process_rank = _import_names(
         "diffutoon.distributed", "DistributedError", "broadcast_frames", "map_chunks", "open_shared_run",
         "process_group", "process_rank")
-    MemoryPlan, plan_memory, set_forward_chunking = _import_names("diffutoon.memory", "MemoryPlan", "plan_memory",
-                                                                   "set_forward_chunking")
+    MemoryPlan, plan_memory, set_forward_chunking, trim_host_memory = _import_names(
+        "diffutoon.memory", "MemoryPlan", "plan_memory", "set_forward_chunking", "trim_host_memory")
     fast_settings, load_lcm_lora, load_motion_adapter, model_input, scheduler_step = _import_names(
         "diffutoon.fast", "fast_settings", "load_lcm_lora", "load_motion_adapter", "model_input", "scheduler_step")
     Previewer, ddim_x0 = _import_names("diffutoon.previews", "Previewer", "ddim_x0")
@@ -112,7 +112,7 @@ except ImportError:
     from .diffutoon.reuse import WindowReuse, compute_prefix, has_prefix
     from .diffutoon.distributed import (DistributedError, broadcast_frames, map_chunks,  # noqa: F401
                                         open_shared_run, process_group, process_rank)
-    from .diffutoon.memory import MemoryPlan, plan_memory, set_forward_chunking
+    from .diffutoon.memory import MemoryPlan, plan_memory, set_forward_chunking, trim_host_memory
     from .diffutoon.fast import (fast_settings, load_lcm_lora, load_motion_adapter, model_input,  # noqa: F401
                                  scheduler_step)
     from .diffutoon.previews import Previewer, ddim_x0  # noqa: F401
@@ -643,10 +643,11 @@ class DiffutoonPipeline(
                     strength: float = 1.0, motion_groupnorm: str = "per_frame", edit_prompt: str | None = None,
                     edit_kwargs: dict | None = None, memory_budget: str | int | None = None) -> MemoryPlan:
         """The fastest exact savings (memory-efficient attention, feed-forward chunks, one CFG branch per call, fewer
-        frames per VAE call) whose estimated peak fits `memory_budget` ("12GB"; default: the CUDA device's free
-        memory minus a margin), for a call with these settings. `str(plan)` is one line; `pipe(...,
-        memory_plan=plan)` runs with it. ValueError, naming the largest size that fits, if nothing does. Model CPU
-        offload (`enable_model_cpu_offload`) is the slow last resort, never chosen for you."""
+        frames per VAE call, each model on the device only for its stage, the reuse cache in host memory, the
+        ControlNets on the device only for their call, and as the slow last resort model CPU offload) whose estimated
+        peak fits `memory_budget` ("12GB"; default: the CUDA device's free memory minus a margin), for a call with
+        these settings. `str(plan)` is one line; `pipe(..., memory_plan=plan)` runs with it. ValueError, naming the
+        largest size that fits, if nothing does. See diffutoon/memory.py."""
         edit = None
         if edit_prompt is not None:
             defaults = {k: p.default for k, p in inspect.signature(self.make_color_video).parameters.items()
@@ -1488,6 +1489,7 @@ class DiffutoonPipeline(
                 def on_window():
                     window = next(windows_done)
                     bar.update()
+                    trim_host_memory()  # the allocator's free pages back to the OS: host memory flat over a long render
                     run.report(stage="denoising" if name == "main" else name, **{"pass": name}, step=i,
                                steps=num_steps, window=window,
                                windows=num_windows, done=i * num_windows + window, total=num_steps * num_windows,

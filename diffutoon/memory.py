@@ -12,6 +12,7 @@ Only stdlib, torch and diffusers are imported: the module ships beside the pipel
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import json
@@ -287,20 +288,35 @@ def window_phase_bytes(unet, nets, height: int, width: int, frames: int, branche
                        ff_chunk=None, reuse_branches=0, motion_context=None, vae_scale_factor=8, text_tokens=77,
                        joint_frames=None, motion=True, host_cache=False) -> tuple:
     """`window_bytes` as (peak while the ControlNets run, peak while the UNet runs): their weights may differ."""
-    if ff_chunk and ff_chunk >= branches * frames * (height // vae_scale_factor) * (width // vae_scale_factor):
-        ff_chunk = None  # no feed-forward sees more tokens than the first level's: the chunking changes nothing
-    key = ("window", _config_key(unet), tuple(_config_key(n) for n in nets), height, width, frames, branches,
-           memory_efficient, ff_chunk, getattr(motion_context, "__name__", None), vae_scale_factor,
-           text_tokens, joint_frames, motion, _dtype(unet))
-    controlnets, unet_peak, per_frame = _cached(key, lambda: window_phases(
-        meta_copy(unet, motion=motion), [meta_copy(n) for n in nets], height, width, frames, branches,
-        memory_efficient, ff_chunk, motion_context, vae_scale_factor, text_tokens, joint_frames))
+    controlnets, unet_peak, per_frame = _traced_window(unet, nets, height, width, frames, branches, memory_efficient,
+                                                       ff_chunk, motion_context, vae_scale_factor, text_tokens,
+                                                       joint_frames, motion)
     held = 0
     if reuse_branches:  # the editing branch (no motion modules, joint attention) caches its ControlNets only
         prefix = unet.config.block_out_channels[0] * (height // vae_scale_factor) * (width // vae_scale_factor) * motion
         held = (branches * frames * prefix if host_cache else reuse_branches * frames * (per_frame + 2 * prefix))
         held *= _dtype(unet).itemsize
     return controlnets, unet_peak + held
+
+
+def cached_frame_bytes(unet, nets, height: int, width: int, vae_scale_factor: int = 8) -> int:
+    """Bytes the reuse cache holds per frame and CFG branch: the summed ControlNet residuals, the UNet's prefix."""
+    per_frame = _traced_window(unet, nets, height, width, 1, 1, True, None, None, vae_scale_factor, 77, None, True)[2]
+    prefix = 2 * unet.config.block_out_channels[0] * (height // vae_scale_factor) * (width // vae_scale_factor)
+    return (per_frame + prefix) * _dtype(unet).itemsize
+
+
+def _traced_window(unet, nets, height, width, frames, branches, memory_efficient, ff_chunk, motion_context,
+                   vae_scale_factor, text_tokens, joint_frames, motion):
+    """`window_phases` on meta copies, cached."""
+    if ff_chunk and ff_chunk >= branches * frames * (height // vae_scale_factor) * (width // vae_scale_factor):
+        ff_chunk = None  # no feed-forward sees more tokens than the first level's: the chunking changes nothing
+    key = ("window", _config_key(unet), tuple(_config_key(n) for n in nets), height, width, frames, branches,
+           memory_efficient, ff_chunk, getattr(motion_context, "__name__", None), vae_scale_factor,
+           text_tokens, joint_frames, motion, _dtype(unet))
+    return _cached(key, lambda: window_phases(
+        meta_copy(unet, motion=motion), [meta_copy(n) for n in nets], height, width, frames, branches,
+        memory_efficient, ff_chunk, motion_context, vae_scale_factor, text_tokens, joint_frames))
 
 
 @torch.no_grad()
@@ -391,6 +407,23 @@ def parse_bytes(value) -> int:
     unit = match.group(2).lower().rstrip("b")
     base = 1024 if unit.endswith("i") else 1000
     return int(float(match.group(1)) * base ** ("kmgt".index(unit[0]) + 1 if unit else 0))
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, Windows, musl)
+        return None
+
+
+def trim_host_memory():
+    """Give the C allocator's free pages back to the OS (glibc's `malloc_trim`), once per window: without it, freed
+    window-sized host buffers leave fragments that let the anonymous RSS creep up over the first windows of a long
+    render (bench/bench_longrender.py). It moves no data; a no-op without glibc."""
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -611,6 +644,22 @@ def resident_weights(pipe) -> int:
     if getattr(pipe, "_offload_device", None) is not None and getattr(pipe, "_all_hooks", None):
         return max(weight_bytes(*main), weight_bytes(pipe.vae), weight_bytes(pipe.text_encoder))
     return weight_bytes(*placed_models(pipe).values())
+
+
+def transfer_bytes(pipe, plan, context_length=16, context_stride=8, guidance_scale=7.0) -> int:
+    """Bytes moved between host and accelerator per window of the main pass (both directions) by `plan`'s reuse
+    cache in host memory (the window's cached frames in, the new frames' out) and its placement (each ControlNet,
+    or each ControlNet and the UNet, in and out per CFG branch group); models on the device per stage move a few
+    times per render only."""
+    cfg = 2 if guidance_scale > 1 else 1
+    groups = 1 if plan.batch_cfg else cfg
+    moved = 0
+    if plan.reuse_across_windows == "host":
+        frame = cached_frame_bytes(pipe.unet, pipe.controlnets, plan.height, plan.width, pipe.vae_scale_factor)
+        moved += cfg * (context_length + context_stride) * frame
+    if plan.placement in ("nets", "call"):
+        moved += 2 * groups * weight_bytes(*pipe.controlnets, *([pipe.unet] if plan.placement == "call" else []))
+    return moved
 
 
 def default_budget(device) -> int:
