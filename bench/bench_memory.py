@@ -20,6 +20,7 @@
 
 import argparse
 import os
+import re
 import sys
 import time
 from types import SimpleNamespace
@@ -83,7 +84,9 @@ def size_budget_table():
                 plan = memory.plan_memory(pipe, size, size, memory_budget=budget,
                                           motion_context=per_frame_motion_groupnorm)
             except ValueError as error:
-                lines.append(f"| {size}x{size} | {budget} | nothing fits: {error} |||||||")
+                largest = re.search(r"largest size that fits is (\S+)", str(error))
+                lines.append(f"| {size}x{size} | {budget} | nothing fits (the error names the largest size that "
+                             f"does: {largest.group(1) if largest else 'none'}) |||||||")
                 continue
             cold = time.time() - start
             start = time.time()

@@ -38,12 +38,12 @@ SERIAL_CFG_COST = 1.08
 # 1536x1536 (bench/RESULTS.md, "Work per frame"); the cache of a window of 16 frames x 2 branches is ~8 GB in fp16 there.
 NO_REUSE_COST = 1.29
 # The reuse cache in host memory: per window, the window's cached frames come in and the new chunk's go out over PCIe
-# (~8 + 4 GB at 1536x1536, 16 frames x 2 branches, fp16: ~0.5 s at 25 GB/s against ~20 s of UNet work per window on
-# a 12 GB card; bench/RESULTS.md). Models on the device only for their stage: the weights move a few times per render.
+# (~8 + 4 GB at 1536x1536, 16 frames x 2 branches, fp16: ~1 s at 12 GB/s against ~40 s of work per window on a
+# 12-16 GB card; bench/RESULTS.md). Models on the device only for their stage: the weights move a few times a render.
 HOST_CACHE_COST = 1.04
 STAGE_COST = 1.001
 # The ControlNets on the device only for their call: their weights (0.7 GB each in fp16) move in and out per window
-# and CFG branch group (~6 GB per window with 2 ControlNets and one branch per call: ~0.25 s at 25 GB/s).
+# and CFG branch group (~6 GB per window with 2 ControlNets and one branch per call: ~0.5 s at 12 GB/s).
 NETS_COST = 1.1
 # Each model on the device only for its call (model CPU offload): the UNet's weights move too (~16 GB per window).
 # Priced above every other combination: the plan picks it only when nothing else fits.
@@ -51,7 +51,7 @@ CALL_COST = 1.5
 # Where the weights live: all on the device; each model only for its stage; the ControlNets only for their call;
 # each model only for its call.
 PLACEMENTS = ("all", "stage", "nets", "call")
-PCIE_BYTES_PER_S = 25e9  # host <-> device rate the time estimates assume (PCIe 4.0 x16, pinned; pageable ~half)
+PCIE_BYTES_PER_S = 12e9  # host <-> device rate the time estimates assume: PCIe 4.0 x16 from pageable host memory
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -133,9 +133,14 @@ class LiveTensorBytes(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
+_CONFIG_KEYS = weakref.WeakKeyDictionary()  # a model's configuration as text, made once (a plan asks ~100 times)
+
+
 def _config_key(model) -> str:
-    return type(model).__name__ + json.dumps({k: v for k, v in dict(model.config).items() if not k.startswith("_")},
-                                             sort_keys=True, default=str)
+    if model not in _CONFIG_KEYS:
+        config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
+        _CONFIG_KEYS[model] = type(model).__name__ + json.dumps(config, sort_keys=True, default=str)
+    return _CONFIG_KEYS[model]
 
 
 @functools.lru_cache(maxsize=16)
