@@ -129,6 +129,24 @@ def test_host_cache_and_model_placement_give_the_unplanned_frames(tiny_pipe):
     assert len([n for n, _ in log if n == "unet"]) > 2  # "call": the UNet comes back after the ControlNets, per window
 
 
+def test_plan_replaces_diffusers_model_cpu_offload_for_the_call_and_puts_it_back():
+    """Weights larger than the card: diffusers' enable_model_cpu_offload, then the plan's own placement per call."""
+    from diffutoon.tiny import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    video = make_video(6, SIZE)
+    kwargs = dict(context_length=4, context_stride=2, output_type="latent")
+    unplanned = render(pipe, video, memory_plan=None, **kwargs)
+    pipe.enable_model_cpu_offload(device="cpu")
+    hooks = len(pipe._all_hooks)
+    assert memory.placements(pipe) == ("stage", "nets", "call")
+    assert memory.plan_memory(pipe, SIZE, SIZE, context_length=4, memory_budget="1GB").placement == "stage"
+    plan = memory.MemoryPlan(SIZE, SIZE, 10**9, "given", placement="nets", reuse_across_windows="host")
+    assert torch.equal(render(pipe, video, memory_plan=plan, **kwargs), unplanned)
+    assert pipe._placement_log and len(pipe._all_hooks) == hooks and hasattr(pipe.unet, "_hf_hook")
+
+
 def test_placement_and_host_cache_lower_the_estimate(tiny_pipe):
     kwargs = dict(context_length=8, motion_context=per_frame_motion_groupnorm)
     parts = {p: memory.estimate_memory(tiny_pipe, SIZE, SIZE, placement=p, **kwargs) for p in memory.PLACEMENTS}
