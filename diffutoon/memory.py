@@ -12,6 +12,7 @@ Only stdlib, torch and diffusers are imported: the module ships beside the pipel
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import functools
 import hashlib
@@ -468,7 +469,8 @@ def placed(pipe, placement: str):
     "call", see `companions`; "all": as they are). accelerate hooks, as diffusers' `enable_model_cpu_offload` installs them, move a model to
     the execution device before its call and the models it must not share the device with to the CPU; on exit every
     model goes back where it was (and diffusers' model CPU offload, if it was on, is put back). The weights are only
-    moved, so the result is the same. `pipe._placement_log` lists (model called, models on the device) per move."""
+    moved, so the result is the same. `pipe._placement_log` holds (model called, models on the device) of the last
+    moves."""
     if placement == "all":
         yield
         return
@@ -481,7 +483,7 @@ def placed(pipe, placement: str):
     models = placed_models(pipe)
     before = {name: _device_of(m) for name, m in models.items()}
     on_device = {name for name, d in before.items() if d == device}
-    log = pipe._placement_log = []
+    log = pipe._placement_log = collections.deque(maxlen=256)  # the last moves (tests read them)
 
     class OnDevice(ModelHook):
         def __init__(self, name):
