@@ -1284,7 +1284,8 @@ class DiffutoonPipeline(
         saving = plan.apply(self) if plan is not None else nullcontext()  # the plan's attention and feed-forward
         with run, saving:  # on success the folder goes (unless kept); on an error or an interrupt it stays, resumable
             if plan is not None:  # exact savings: the same frames within float rounding (the identity is the call's)
-                decode_chunk_size, edit_settings = plan.decode_chunk_size, plan.edit_settings(edit_settings)
+                decode_chunk_size = min(decode_chunk_size, plan.decode_chunk_size)
+                edit_settings = plan.edit_settings(edit_settings)
                 run.report(memory_plan=str(plan))
             if scene_cuts is not None:
                 run.report(scene_cuts=scene_cuts)
