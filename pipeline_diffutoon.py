@@ -669,7 +669,7 @@ class DiffutoonPipeline(
         plan = plan_memory(self, height, width, context_length, batch_cfg, guidance_scale, decode_chunk_size,
                            reuse_across_windows, strength, edit_settings or None, memory_budget,
                            per_frame_motion_groupnorm if motion_groupnorm == "per_frame" else None)
-        logger.info(f"memory plan: {plan}")
+        (logger.warning if plan.enabled else logger.info)(f"memory plan: {plan}")  # shown when it changes something
         return plan
 
     # ------------------------------------------------------------------------------------------------------------
