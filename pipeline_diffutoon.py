@@ -1281,7 +1281,7 @@ class DiffutoonPipeline(
 
         # 2. The render's state: in host memory, or a render folder that survives a crash (and resumes this render)
         run = self._open_render(render_dir, fresh, progress_callback, arguments, source, height, width, edit_settings)
-        saving = plan.apply(self) if plan is not None else nullcontext()  # the plan's attention and feed-forward
+        saving = plan.apply(self) if plan is not None else nullcontext()  # attention, feed-forward, model placement
         with run, saving:  # on success the folder goes (unless kept); on an error or an interrupt it stays, resumable
             if plan is not None:  # exact savings: the same frames within float rounding (the identity is the call's)
                 decode_chunk_size = min(decode_chunk_size, plan.decode_chunk_size)
