@@ -733,8 +733,13 @@ def plan_memory(pipe, height, width, context_length=16, batch_cfg=True, guidance
     least = settings((True, chunks[-1], bool(serials[-1]), False, where[-1]))
     if estimate_memory(pipe, height, width, decode_chunk_size=1, **least)["total"] > budget:  # not with every saving
         raise ValueError(_nothing_fits(pipe, height, width, budget, source, dict(least, decode_chunk_size=1)))
+    @functools.lru_cache(maxsize=None)
+    def fits(option) -> bool:  # with one frame per VAE call
+        return estimate_memory(pipe, height, width, decode_chunk_size=1, **settings(option))["total"] <= budget
+
     for option in options:
-        if estimate_memory(pipe, height, width, decode_chunk_size=1, **settings(option))["total"] > budget:
+        # the same with the smallest feed-forward chunk is a lower bound: one trace rules out every chunk size
+        if not fits(option[:1] + (chunks[-1],) + option[2:]) or not fits(option):
             continue
         decode = next(d for d in sorted({d for d in DECODE_CHUNKS if d < decode_chunk_size} | {decode_chunk_size},
                                         reverse=True)
