@@ -776,6 +776,7 @@ class DiffutoonPipeline(
                     arrays[i][0].write(start, frames.permute(0, 2, 3, 1).numpy())
                     arrays[i][1].mark(chunk)
                 bar.update(end - start)
+                trim_host_memory()  # as after each window: flat host memory
                 run.report(stage="conditions", **{"pass": branch}, done=end, total=n, frames=n)
         return [frames for frames, _ in arrays]
 
@@ -937,6 +938,8 @@ class DiffutoonPipeline(
             z = torch.from_numpy(np.ascontiguousarray(latents.read(i, i + decode_chunk_size)))
             pixels = self.vae.decode(z.to(device, dtype) / self.vae.config.scaling_factor).sample.float()
             chunk = self.video_processor.postprocess(pixels, output_type="pt" if output_type == "pt" else "np")
+            del pixels
+            trim_host_memory()  # as after each window: flat host memory
             if output_type == "uint8":
                 chunk = (chunk * 255).round().astype(np.uint8)
             return chunk.cpu() if output_type == "pt" else chunk
