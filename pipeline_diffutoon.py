@@ -89,8 +89,8 @@ try:  # the installed package: one class, whatever loaded this file (saved pipel
     DistributedError, broadcast_frames, map_chunks, open_shared_run, process_group, process_rank = _import_names(
         "diffutoon.distributed", "DistributedError", "broadcast_frames", "map_chunks", "open_shared_run",
         "process_group", "process_rank")
-    MemoryPlan, plan_memory, set_forward_chunking = _import_names("diffutoon.memory", "MemoryPlan", "plan_memory",
-                                                                   "set_forward_chunking")
+    MemoryPlan, plan_memory, set_forward_chunking, trim_host_memory = _import_names(
+        "diffutoon.memory", "MemoryPlan", "plan_memory", "set_forward_chunking", "trim_host_memory")
     fast_settings, load_lcm_lora, load_motion_adapter, model_input, scheduler_step = _import_names(
         "diffutoon.fast", "fast_settings", "load_lcm_lora", "load_motion_adapter", "model_input", "scheduler_step")
     Previewer, ddim_x0 = _import_names("diffutoon.previews", "Previewer", "ddim_x0")
@@ -112,7 +112,7 @@ except ImportError:
     from .diffutoon.reuse import WindowReuse, compute_prefix, has_prefix
     from .diffutoon.distributed import (DistributedError, broadcast_frames, map_chunks,  # noqa: F401
                                         open_shared_run, process_group, process_rank)
-    from .diffutoon.memory import MemoryPlan, plan_memory, set_forward_chunking
+    from .diffutoon.memory import MemoryPlan, plan_memory, set_forward_chunking, trim_host_memory
     from .diffutoon.fast import (fast_settings, load_lcm_lora, load_motion_adapter, model_input,  # noqa: F401
                                  scheduler_step)
     from .diffutoon.previews import Previewer, ddim_x0  # noqa: F401
@@ -458,7 +458,7 @@ class DiffutoonConditions:
     cross_attention_kwargs: dict | None = None
     branch: str = "main"  # "main": controlnet; "edit": edit_controlnet (the editing branch)
     cross_frame: Any = None  # the editing branch's `attention_processors.CrossFrameState`, told each window's length
-    reuse: bool = True  # compute what no window changes once per step and branch (issue 11)
+    reuse: bool | str = True  # compute what no window changes once per step and branch (issue 11); "host": cached there
     group: Any = None  # diffutoon.distributed.Group: the windows split over processes (issue 12)
     prompt_frames: tuple | None = None  # prompts over time: the key frames of prompt_embeds (K, L, D); None: (1, L, D)
     negative_prompt_frames: tuple | None = None
@@ -643,10 +643,11 @@ class DiffutoonPipeline(
                     strength: float = 1.0, motion_groupnorm: str = "per_frame", edit_prompt: str | None = None,
                     edit_kwargs: dict | None = None, memory_budget: str | int | None = None) -> MemoryPlan:
         """The fastest exact savings (memory-efficient attention, feed-forward chunks, one CFG branch per call, fewer
-        frames per VAE call) whose estimated peak fits `memory_budget` ("12GB"; default: the CUDA device's free
-        memory minus a margin), for a call with these settings. `str(plan)` is one line; `pipe(...,
-        memory_plan=plan)` runs with it. ValueError, naming the largest size that fits, if nothing does. Model CPU
-        offload (`enable_model_cpu_offload`) is the slow last resort, never chosen for you."""
+        frames per VAE call, each model on the device only for its stage, the reuse cache in host memory, the
+        ControlNets on the device only for their call, and as the slow last resort model CPU offload) whose estimated
+        peak fits `memory_budget` ("12GB"; default: the CUDA device's free memory minus a margin), for a call with
+        these settings. `str(plan)` is one line; `pipe(..., memory_plan=plan)` runs with it. ValueError, naming the
+        largest size that fits, if nothing does. See diffutoon/memory.py."""
         edit = None
         if edit_prompt is not None:
             defaults = {k: p.default for k, p in inspect.signature(self.make_color_video).parameters.items()
@@ -668,7 +669,7 @@ class DiffutoonPipeline(
         plan = plan_memory(self, height, width, context_length, batch_cfg, guidance_scale, decode_chunk_size,
                            reuse_across_windows, strength, edit_settings or None, memory_budget,
                            per_frame_motion_groupnorm if motion_groupnorm == "per_frame" else None)
-        logger.info(f"memory plan: {plan}")
+        (logger.warning if plan.enabled else logger.info)(f"memory plan: {plan}")  # shown when it changes something
         return plan
 
     # ------------------------------------------------------------------------------------------------------------
@@ -775,6 +776,7 @@ class DiffutoonPipeline(
                     arrays[i][0].write(start, frames.permute(0, 2, 3, 1).numpy())
                     arrays[i][1].mark(chunk)
                 bar.update(end - start)
+                trim_host_memory()  # as after each window: flat host memory
                 run.report(stage="conditions", **{"pass": branch}, done=end, total=n, frames=n)
         return [frames for frames, _ in arrays]
 
@@ -866,7 +868,8 @@ class DiffutoonPipeline(
 
         # the editing branch's first transformer attends across frames: only its ControlNets are per frame
         window_independent_prefix = cond.cross_frame is None and has_prefix(self.unet)
-        return WindowReuse(cond.windows, controlnet, prefix if window_independent_prefix else None)
+        return WindowReuse(cond.windows, controlnet, prefix if window_independent_prefix else None,
+                           host=cond.reuse == "host")  # the memory plan's reuse cache in host memory
 
     def iter_window_predictions(self, latents, t, cond: DiffutoonConditions, windows=None):
         """Yield (start, end, weighted prediction) for `windows` (default: all), in order: eq. 4's normalised weight
@@ -935,6 +938,8 @@ class DiffutoonPipeline(
             z = torch.from_numpy(np.ascontiguousarray(latents.read(i, i + decode_chunk_size)))
             pixels = self.vae.decode(z.to(device, dtype) / self.vae.config.scaling_factor).sample.float()
             chunk = self.video_processor.postprocess(pixels, output_type="pt" if output_type == "pt" else "np")
+            del pixels
+            trim_host_memory()  # as after each window: flat host memory
             if output_type == "uint8":
                 chunk = (chunk * 255).round().astype(np.uint8)
             return chunk.cpu() if output_type == "pt" else chunk
@@ -1284,10 +1289,11 @@ class DiffutoonPipeline(
 
         # 2. The render's state: in host memory, or a render folder that survives a crash (and resumes this render)
         run = self._open_render(render_dir, fresh, progress_callback, arguments, source, height, width, edit_settings)
-        saving = plan.apply(self) if plan is not None else nullcontext()  # the plan's attention and feed-forward
+        saving = plan.apply(self) if plan is not None else nullcontext()  # attention, feed-forward, model placement
         with run, saving:  # on success the folder goes (unless kept); on an error or an interrupt it stays, resumable
             if plan is not None:  # exact savings: the same frames within float rounding (the identity is the call's)
-                decode_chunk_size, edit_settings = plan.decode_chunk_size, plan.edit_settings(edit_settings)
+                decode_chunk_size = min(decode_chunk_size, plan.decode_chunk_size)
+                edit_settings = plan.edit_settings(edit_settings)
                 run.report(memory_plan=str(plan))
             if scene_cuts is not None:
                 run.report(scene_cuts=scene_cuts)
@@ -1497,6 +1503,7 @@ class DiffutoonPipeline(
                 def on_window():
                     window = next(windows_done)
                     bar.update()
+                    trim_host_memory()  # the allocator's free pages back to the OS: host memory flat over a long render
                     run.report(stage="denoising" if name == "main" else name, **{"pass": name}, step=i,
                                steps=num_steps, window=window,
                                windows=num_windows, done=i * num_windows + window, total=num_steps * num_windows,

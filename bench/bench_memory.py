@@ -2,8 +2,11 @@
 
 1. Size x budget (no accelerator needed): the real SD1.5 UNet + AnimateDiff v2 motion modules + 2 ControlNets v1.1
    + SD VAE + CLIP text encoder, fp16, windows of 16 with the paper's batched CFG and the reuse cache: the fastest
-   plan `diffutoon.memory.plan_memory` finds for 1536x1536 in 12 GB, 1024x1024 in 8 GB, 512x512 in 4 GB, against
-   the estimate of the call as set up (memory-efficient attention counted as flash: output only).
+   plan `diffutoon.memory.plan_memory` finds for 512 / 1024 / 1536 in budgets of 4-24 GB (the issue's goals: 1536
+   in 12 GB, 1024 in 8 GB, 512 in 4 GB), against the call as set up (memory-efficient attention counted as flash:
+   output only); the bytes it moves between host and device per window (`memory.transfer_bytes`) at
+   `memory.PCIE_BYTES_PER_S`, against the window's FLOPs at an assumed throughput; planning time cold (an empty
+   estimate cache: set DIFFUTOON_CACHE to a new folder) and warm.
 2. Time cost of each saving against none, measured on the CPU on one window (bench_gpu's `--config tiny` models,
    float32): the FLOPs are the same by construction (the same ops on the same tokens); what is slower is one CFG
    branch per call (every weight read twice, half the batch per kernel) and feed-forward chunks (more, smaller
@@ -17,6 +20,7 @@
 
 import argparse
 import os
+import re
 import sys
 import time
 from types import SimpleNamespace
@@ -49,25 +53,54 @@ def meta_pipeline(dtype=torch.float16):
                            vae_scale_factor=8, _execution_device=torch.device("meta"))
 
 
+# TFLOP per frame and CFG branch (bench/RESULTS.md "Work per frame", bench/bench_flops.py): UNet with motion modules
+# in a window of 16, one ControlNet. A window with reuse runs the UNet on its 16 frames and the ControlNets on its 8
+# new frames, both CFG branches.
+UNET_TFLOP = {512: 1.11, 1024: 5.9, 1536: 18.8}
+CONTROLNET_TFLOP = {512: 0.283, 1024: 1.72, 1536: 6.07}
+SUSTAINED_TFLOPS = 20.0  # assumed fp16 throughput of a 12-16 GB card (RTX 4070 / 3080 class at ~40 % of its peak)
+BUDGETS = ("4GB", "8GB", "12GB", "16GB", "24GB")
+
+
 def size_budget_table():
     pipe = meta_pipeline()
-    lines = ["| size | budget | as set up (batched CFG, decode 8), GB | fastest plan that fits | estimated GB | "
-             "window / VAE decode / weights GB | est. time vs as set up | planning s |", "|---|---|---|---|---|---|---|---|"]
-    for size, budget in GOALS:
-        start = time.time()
+    lines = ["| size | budget | fastest plan that fits (the plan line's savings) | estimated GB (peak stage) | "
+             "main window: weights + activations GB | VAE decode GB | host<->device per window GB (s) | "
+             "est. time vs unconstrained | planning s (cold / warm) |", "|---|---|---|---|---|---|---|---|---|"]
+    for size in (1536, 1024, 512):
         setup = memory.estimate_memory(pipe, size, size, memory_efficient_attention=True,
                                        motion_context=per_frame_motion_groupnorm)
-        try:
-            plan = memory.plan_memory(pipe, size, size, memory_budget=budget, motion_context=per_frame_motion_groupnorm)
-        except ValueError as error:
-            lines.append(f"| {size} | {budget} | {setup['total'] / GB:.1f} | nothing fits: {error} |||||")
-            continue
-        seconds = time.time() - start
-        p = plan.parts
-        lines.append(f"| {size}x{size} | {budget} | {setup['total'] / GB:.1f} | {', '.join(plan.enabled) or '-'} | "
-                     f"{plan.estimate / GB:.1f} | {p['window'] / GB:.1f} / {p['decode'] / GB:.1f} / "
-                     f"{p['weights'] / GB:.1f} | {plan.relative_time:.2f} | {seconds:.1f} |")
-        print(f"plan: {plan}", flush=True)
+        window_tflop = 2 * (16 * UNET_TFLOP[size] + 2 * 8 * CONTROLNET_TFLOP[size])
+        compute_s = window_tflop / SUSTAINED_TFLOPS
+        lines.append(f"| {size}x{size} | unconstrained | as set up (batched CFG, reuse, decode 8; memory-efficient "
+                     f"attention) | {setup['total'] / GB:.1f} | {setup['weights'] / GB:.1f} + {setup['window'] / GB:.1f} "
+                     f"| {setup['decode'] / GB:.1f} | 0 | 1 (a window: {window_tflop:.0f} TFLOP, {compute_s:.1f} s at "
+                     f"{SUSTAINED_TFLOPS:.0f} TFLOP/s) | |")
+        for budget in BUDGETS:
+            if memory.parse_bytes(budget) >= setup["total"]:
+                continue
+            start = time.time()
+            try:
+                plan = memory.plan_memory(pipe, size, size, memory_budget=budget,
+                                          motion_context=per_frame_motion_groupnorm)
+            except ValueError as error:
+                largest = re.search(r"largest size that fits is (\S+)", str(error))
+                lines.append(f"| {size}x{size} | {budget} | nothing fits (the error names the largest size that "
+                             f"does: {largest.group(1) if largest else 'none'}) |||||||")
+                continue
+            cold = time.time() - start
+            start = time.time()
+            memory.plan_memory(pipe, size, size, memory_budget=budget, motion_context=per_frame_motion_groupnorm)
+            warm = time.time() - start
+            moved = memory.transfer_bytes(pipe, plan)
+            moved_s = moved / memory.PCIE_BYTES_PER_S
+            kernels = memory.FF_COST[plan.forward_chunk_size] * (1 if plan.batch_cfg else memory.SERIAL_CFG_COST)
+            p = plan.parts
+            lines.append(f"| {size}x{size} | {budget} | {', '.join(plan.enabled) or '-'} | {plan.estimate / GB:.1f} | "
+                         f"{p['weights'] / GB:.1f} + {p['window'] / GB:.1f} | {p['decode'] / GB:.1f} | "
+                         f"{moved / GB:.1f} ({moved_s:.2f}) | {kernels * (1 + moved_s / compute_s):.2f} | "
+                         f"{cold:.1f} / {warm:.2f} |")
+            print(f"plan: {plan}", flush=True)
     return "\n".join(lines)
 
 
@@ -106,13 +139,13 @@ def timing_table(size=256, frames=16, repeats=2):
             "| saving | s per window | time vs none | output vs none (rel. rms) |\n|---|---|---|---|\n" + "\n".join(rows))
 
 
-def estimate_vs_measured():
+def estimate_vs_measured(rows=4):
     """The meta-device estimate against the same window run for real on the CPU."""
     lines = ["| models | size | frames x branches | feed-forward chunk | estimated MB | measured MB (CPU) | "
              "estimated / measured |", "|---|---|---|---|---|---|---|"]
     mid = dict(block_out_channels=(64, 128, 256, 256), norm_num_groups=32, cross_attention_dim=256, layers_per_block=2)
     for kind, size, frames, branches, ff in (("tiny", 128, 16, 2, None), ("tiny", 256, 8, 2, 4096),
-                                             ("mid", 128, 8, 1, None), ("mid", 128, 8, 1, 1024)):
+                                             ("mid", 128, 8, 1, None), ("mid", 128, 8, 1, 1024))[:rows]:
         if kind == "mid":
             unet, nets = build_mid(mid)
         else:
@@ -145,12 +178,13 @@ def build_mid(narrow):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip-timing", action="store_true")
+    parser.add_argument("--check-rows", type=int, default=4, help="rows of table 3 (2: the tiny models only)")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     print("1. Size x budget, fp16, windows of 16 (estimated):\n\n" + size_budget_table() + "\n", flush=True)
     if not args.skip_timing:
         print("2. Time cost of the savings (measured):\n\n" + timing_table() + "\n", flush=True)
-    print("3. Estimate vs measured allocation:\n\n" + estimate_vs_measured(), flush=True)
+    print("3. Estimate vs measured allocation:\n\n" + estimate_vs_measured(args.check_rows), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,23 @@
 """Accelerator memory (issue 18): chunked feed-forward, a peak-memory estimator, and the memory plan.
 
 Every saving here is exact (the same result within float rounding): memory-efficient attention, feed-forward on a
-chunk of tokens at a time, one CFG branch per UNet call, fewer frames per VAE call. The estimator runs the models'
-own forward on the META device (built from the loaded models' configs, no weights) and counts the bytes of the live
-tensors, as the accelerator's allocator would hold them; `plan` picks the fastest combination whose estimate fits a
-budget. Model CPU offload (diffusers' `enable_model_cpu_offload`) is the slow last resort the plan never picks.
+chunk of tokens at a time, one CFG branch per UNet call, fewer frames per VAE call, each model on the accelerator only
+for its stage (text, windows, VAE), the reuse cache in host memory, and as the slow last resort each model on the
+accelerator only for its call (model CPU offload). The estimator runs the models' own forward on the META device
+(built from the loaded models' configs, no weights) and counts the bytes of the live tensors, as the accelerator's
+allocator would hold them; `plan_memory` picks the fastest combination whose estimate fits a budget.
 
 Only stdlib, torch and diffusers are imported: the module ships beside the pipeline file.
 """
 
 from __future__ import annotations
 
+import collections
+import ctypes
 import functools
+import hashlib
 import json
+import os
 import re
 import weakref
 from contextlib import contextmanager, nullcontext
@@ -33,6 +38,21 @@ SERIAL_CFG_COST = 1.08
 # Without the reuse cache every window recomputes its frames' ControlNets and UNet prefix: 1 / 0.773 the work at
 # 1536x1536 (bench/RESULTS.md, "Work per frame"); the cache of a window of 16 frames x 2 branches is ~8 GB in fp16 there.
 NO_REUSE_COST = 1.29
+# The reuse cache in host memory: per window, the window's cached frames come in and the new chunk's go out over PCIe
+# (~8 + 4 GB at 1536x1536, 16 frames x 2 branches, fp16: ~1 s at 12 GB/s against ~40 s of work per window on a
+# 12-16 GB card; bench/RESULTS.md). Models on the device only for their stage: the weights move a few times a render.
+HOST_CACHE_COST = 1.04
+STAGE_COST = 1.001
+# The ControlNets on the device only for their call: their weights (0.7 GB each in fp16) move in and out per window
+# and CFG branch group (~6 GB per window with 2 ControlNets and one branch per call: ~0.5 s at 12 GB/s).
+NETS_COST = 1.1
+# Each model on the device only for its call (model CPU offload): the UNet's weights move too (~16 GB per window).
+# Priced above every other combination: the plan picks it only when nothing else fits.
+CALL_COST = 1.5
+# Where the weights live: all on the device; each model only for its stage; the ControlNets only for their call;
+# each model only for its call.
+PLACEMENTS = ("all", "stage", "nets", "call")
+PCIE_BYTES_PER_S = 12e9  # host <-> device rate the time estimates assume: PCIe 4.0 x16 from pageable host memory
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -114,9 +134,14 @@ class LiveTensorBytes(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
+_CONFIG_KEYS = weakref.WeakKeyDictionary()  # a model's configuration as text, made once (a plan asks ~100 times)
+
+
 def _config_key(model) -> str:
-    return type(model).__name__ + json.dumps({k: v for k, v in dict(model.config).items() if not k.startswith("_")},
-                                             sort_keys=True, default=str)
+    if model not in _CONFIG_KEYS:
+        config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
+        _CONFIG_KEYS[model] = type(model).__name__ + json.dumps(config, sort_keys=True, default=str)
+    return _CONFIG_KEYS[model]
 
 
 @functools.lru_cache(maxsize=16)
@@ -135,6 +160,11 @@ def _meta_model(cls, config_key: str, dtype: torch.dtype, motion: bool = True):
             if hasattr(block, "motion_modules"):
                 block.motion_modules = torch.nn.ModuleList([_Identity() for _ in block.motion_modules])
     return model
+
+
+def _dtype(model) -> torch.dtype:
+    """The model's dtype, as its first parameter's (diffusers' `model.dtype` walks every module)."""
+    return next(model.parameters()).dtype
 
 
 def meta_copy(model, dtype=None, motion: bool = True):
@@ -190,41 +220,124 @@ def _meta_kernels(memory_efficient: bool, ff_chunk: int | None, joint_frames: in
 
 
 _PEAKS: dict = {}  # traced peaks by (configs, shapes, switches): a plan re-asks the same questions
+# ... and keeps them on disk, so that a new process plans a size it has seen in milliseconds. The key includes this
+# file's text and the torch / diffusers versions: any change to the estimator or the kernels' meta functions is new.
+
+
+def _cache_file() -> str:
+    """$DIFFUTOON_CACHE (default $XDG_CACHE_HOME/diffutoon or ~/.cache/diffutoon) / memory-estimates.json."""
+    root = os.environ.get("DIFFUTOON_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "diffutoon")
+    return os.path.join(root, "memory-estimates.json")
+
+
+@functools.lru_cache(maxsize=1)
+def _code_version() -> str:
+    import diffusers
+
+    with open(__file__, "rb") as f:
+        return hashlib.sha1(f.read() + torch.__version__.encode() + diffusers.__version__.encode()).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=1)
+def _disk() -> dict:
+    try:
+        with open(_cache_file()) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
 
 
 def _cached(key, compute):
     if key not in _PEAKS:
-        _PEAKS[key] = compute()
+        name = hashlib.sha1(repr((_code_version(), key)).encode()).hexdigest()
+        value = _disk().get(name)
+        if value is None:
+            value = _disk()[name] = compute()
+            _save(_disk())
+        _PEAKS[key] = tuple(value) if isinstance(value, list) else value
     return _PEAKS[key]
+
+
+def _save(entries: dict):
+    """Write the disk cache durably (temporary file, fsync, rename); a cache that cannot be written is skipped."""
+    path = _cache_file()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        temporary = f"{path}.{os.getpid()}.tmp"
+        with open(temporary, "w") as f:
+            json.dump(entries, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except OSError:
+        pass
 
 
 def window_bytes(unet, nets, height: int, width: int, frames: int, branches: int, *, memory_efficient: bool = True,
                  ff_chunk: int | None = None, reuse_branches: int = 0, motion_context=None, vae_scale_factor: int = 8,
-                 text_tokens: int = 77, joint_frames: int | None = None, motion: bool = True) -> int:
+                 text_tokens: int = 77, joint_frames: int | None = None, motion: bool = True,
+                 host_cache: bool = False) -> int:
     """Peak activation bytes of one window: the ControlNets on `branches` x `frames` frames (their residuals summed
     as they come), then the UNet (motion modules included unless `motion=False`) with those residuals held.
     `reuse_branches` > 0: the reuse cache (diffutoon/reuse.py) holds that many branches' per-frame residuals and UNet
-    prefixes for the window's frames beside the copies the call gets. Weights are not counted."""
+    prefixes for the window's frames beside the copies the call gets; with `host_cache` the cache is in host memory
+    and the device holds the call's copies only (the UNet's first transformer output besides what it computes
+    itself). Weights are not counted."""
+    return max(window_phase_bytes(unet, nets, height, width, frames, branches, memory_efficient=memory_efficient,
+                                  ff_chunk=ff_chunk, reuse_branches=reuse_branches, motion_context=motion_context,
+                                  vae_scale_factor=vae_scale_factor, text_tokens=text_tokens,
+                                  joint_frames=joint_frames, motion=motion, host_cache=host_cache))
+
+
+def window_phase_bytes(unet, nets, height: int, width: int, frames: int, branches: int, *, memory_efficient=True,
+                       ff_chunk=None, reuse_branches=0, motion_context=None, vae_scale_factor=8, text_tokens=77,
+                       joint_frames=None, motion=True, host_cache=False) -> tuple:
+    """`window_bytes` as (peak while the ControlNets run, peak while the UNet runs): their weights may differ."""
+    controlnets, unet_peak, per_frame = _traced_window(unet, nets, height, width, frames, branches, memory_efficient,
+                                                       ff_chunk, motion_context, vae_scale_factor, text_tokens,
+                                                       joint_frames, motion)
+    held = 0
+    if reuse_branches:  # the editing branch (no motion modules, joint attention) caches its ControlNets only
+        prefix = unet.config.block_out_channels[0] * (height // vae_scale_factor) * (width // vae_scale_factor) * motion
+        held = (branches * frames * prefix if host_cache else reuse_branches * frames * (per_frame + 2 * prefix))
+        held *= _dtype(unet).itemsize
+    return controlnets, unet_peak + held
+
+
+def cached_frame_bytes(unet, nets, height: int, width: int, vae_scale_factor: int = 8) -> int:
+    """Bytes the reuse cache holds per frame and CFG branch: the summed ControlNet residuals, the UNet's prefix."""
+    per_frame = _traced_window(unet, nets, height, width, 1, 1, True, None, None, vae_scale_factor, 77, None, True)[2]
+    prefix = 2 * unet.config.block_out_channels[0] * (height // vae_scale_factor) * (width // vae_scale_factor)
+    return (per_frame + prefix) * _dtype(unet).itemsize
+
+
+def _traced_window(unet, nets, height, width, frames, branches, memory_efficient, ff_chunk, motion_context,
+                   vae_scale_factor, text_tokens, joint_frames, motion):
+    """`window_phases` on meta copies, cached."""
     if ff_chunk and ff_chunk >= branches * frames * (height // vae_scale_factor) * (width // vae_scale_factor):
         ff_chunk = None  # no feed-forward sees more tokens than the first level's: the chunking changes nothing
     key = ("window", _config_key(unet), tuple(_config_key(n) for n in nets), height, width, frames, branches,
-           memory_efficient, ff_chunk, reuse_branches, getattr(motion_context, "__name__", None), vae_scale_factor,
-           text_tokens, joint_frames, motion, unet.dtype)
-    return _cached(key, lambda: window_trace(meta_copy(unet, motion=motion), [meta_copy(n) for n in nets], height,
-                                             width, frames, branches, memory_efficient, ff_chunk, reuse_branches,
-                                             motion_context, vae_scale_factor, text_tokens, joint_frames))
+           memory_efficient, ff_chunk, getattr(motion_context, "__name__", None), vae_scale_factor,
+           text_tokens, joint_frames, motion, _dtype(unet))
+    return _cached(key, lambda: window_phases(
+        meta_copy(unet, motion=motion), [meta_copy(n) for n in nets], height, width, frames, branches,
+        memory_efficient, ff_chunk, motion_context, vae_scale_factor, text_tokens, joint_frames))
 
 
 @torch.no_grad()
-def window_trace(unet, nets, height, width, frames, branches, memory_efficient=True, ff_chunk=None, reuse_branches=0,
-                 motion_context=None, scale=8, text_tokens=77, joint_frames=None):
-    """`window_bytes`'s count. On meta models the kernels are stand-ins (`_meta_kernels`); on real models (any
-    device) the same calls run for real: what bench/bench_memory.py measures the estimate against."""
+def window_phases(unet, nets, height, width, frames, branches, memory_efficient=True, ff_chunk=None,
+                  motion_context=None, scale=8, text_tokens=77, joint_frames=None):
+    """(peak bytes while the ControlNets run, peak while the UNet runs with their residuals held, elements of one
+    frame's residuals of one branch): what any reuse cache adds is held through the UNet phase only, so one trace
+    serves every reuse mode. On meta models the kernels are stand-ins (`_meta_kernels`); on real models (any device)
+    the same calls run for real: what bench/bench_memory.py measures the estimate against."""
     dtype, meta = unet.dtype, unet.device
     h, w, c = height // scale, width // scale, unet.config.in_channels
     t = torch.tensor(999, device=meta)
     context = motion_context(unet) if motion_context is not None else nullcontext()
     kernels = _meta_kernels(memory_efficient, ff_chunk, joint_frames) if meta.type == "meta" else nullcontext()
+    per_frame = 0
     with kernels, context, LiveTensorBytes() as mem:
         latents = torch.empty(branches, c, frames, h, w, device=meta, dtype=dtype)
         embeds = torch.empty(branches * frames, text_tokens, unet.config.cross_attention_dim, device=meta, dtype=dtype)
@@ -238,20 +351,24 @@ def window_trace(unet, nets, height, width, frames, branches, memory_efficient=T
             mid = m if mid is None else mid.add_(m)
             del image, d, m
         del x
-        held = None
-        if reuse_branches and down is not None:  # the cache's per-frame copies, of every branch it keeps
-            per_branch = (sum(r.numel() for r in down) + mid.numel()) // branches
-            prefix = 2 * unet.config.block_out_channels[0] * h * w * frames  # conv_in + first transformer outputs
-            held = torch.empty(reuse_branches * (per_branch + prefix), device=meta, dtype=dtype)
+        if down is not None:
+            per_frame = (sum(r.numel() for r in down) + mid.numel()) // (branches * frames)
+        controlnets, mem.peak = mem.peak, mem.live
         unet(latents, t, encoder_hidden_states=embeds, down_block_additional_residuals=down,
              mid_block_additional_residual=mid)
-        del held
-    return mem.peak
+    return controlnets, mem.peak, per_frame
+
+
+def window_trace(unet, nets, height, width, frames, branches, memory_efficient=True, ff_chunk=None, motion_context=None, scale=8, text_tokens=77, joint_frames=None):
+    """`window_bytes`'s count without its cache, by `window_phases` on the models as given (meta or real)."""
+    controlnets, unet_peak, _ = window_phases(unet, nets, height, width, frames, branches, memory_efficient, ff_chunk,
+                                              motion_context, scale, text_tokens, joint_frames)
+    return max(controlnets, unet_peak)
 
 
 def vae_bytes(vae, height: int, width: int, frames: int, *, memory_efficient: bool = True, encode: bool = False) -> int:
     """Peak activation bytes of one VAE call on `frames` frames: decode (latents -> pixels) or encode."""
-    key = ("vae", _config_key(vae), height, width, frames, memory_efficient, encode, vae.dtype)
+    key = ("vae", _config_key(vae), height, width, frames, memory_efficient, encode, _dtype(vae))
     return _cached(key, lambda: _vae_trace(meta_copy(vae), height, width, frames, memory_efficient, encode))
 
 
@@ -298,8 +415,115 @@ def parse_bytes(value) -> int:
     return int(float(match.group(1)) * base ** ("kmgt".index(unit[0]) + 1 if unit else 0))
 
 
+@functools.lru_cache(maxsize=1)
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, Windows, musl)
+        return None
+
+
+def trim_host_memory():
+    """Give the C allocator's free pages back to the OS (glibc's `malloc_trim`), once per window: without it, freed
+    window-sized host buffers leave fragments that let the anonymous RSS creep up over the first windows of a long
+    render (bench/bench_longrender.py). It moves no data; a no-op without glibc."""
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# 3. The plan
+# 3. Where the weights live: all on the accelerator, each model only for its stage, or only for its call
+
+
+def placed_models(pipe) -> dict:
+    """The models whose place the plan manages, by name: "text_encoder", "image_encoder", "vae", "unet",
+    "controlnet.<i>", "edit_controlnet.<i>"."""
+    models = {name: getattr(pipe, name, None) for name in ("text_encoder", "image_encoder", "vae", "unet")}
+    models.update({f"controlnet.{i}": net for i, net in enumerate(pipe.controlnets)})
+    models.update({f"edit_controlnet.{i}": net for i, net in enumerate(pipe.edit_controlnets)})
+    return {name: m for name, m in models.items() if isinstance(m, torch.nn.Module)}
+
+
+def companions(name: str, names, placement: str) -> set:
+    """The models that may stay on the accelerator while `name` runs. "stage": the UNet with the ControlNets of the
+    pass running (a window calls them all), every other model alone; "nets": a ControlNet with the UNet, the UNet
+    alone; "call": each model alone."""
+    if placement == "call" or not name.startswith(("unet", "controlnet", "edit_controlnet")):
+        return {name}
+    if placement == "nets":
+        return {"unet", name}
+    branch = [n for n in names if n.startswith("edit_controlnet" if name.startswith("edit") else "controlnet")]
+    if name == "unet":  # the pass's ControlNets ran first (or were evicted by them): keep whichever are there
+        branch = [n for n in names if "controlnet" in n]
+    return {"unet", name, *branch}
+
+
+def _device_of(module) -> torch.device:
+    return next(iter([*module.parameters(), *module.buffers()]), torch.empty(0)).device
+
+
+@contextmanager
+def placed(pipe, placement: str):
+    """Run `pipe` with its models on the accelerator only for their stage or call (`placement` "stage", "nets" /
+    "call", see `companions`; "all": as they are). accelerate hooks, as diffusers' `enable_model_cpu_offload` installs them, move a model to
+    the execution device before its call and the models it must not share the device with to the CPU; on exit every
+    model goes back where it was (and diffusers' model CPU offload, if it was on, is put back). The weights are only
+    moved, so the result is the same. `pipe._placement_log` holds (model called, models on the device) of the last
+    moves."""
+    if placement == "all":
+        yield
+        return
+    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+
+    device = pipe._execution_device
+    offload = getattr(pipe, "_offload_device", None) if getattr(pipe, "_all_hooks", None) else None
+    if offload is not None:  # diffusers' model CPU offload: these hooks replace it for the call
+        pipe.remove_all_hooks()
+    models = placed_models(pipe)
+    before = {name: _device_of(m) for name, m in models.items()}
+    on_device = {name for name, d in before.items() if d == device}
+    log = pipe._placement_log = collections.deque(maxlen=256)  # the last moves (tests read them)
+
+    class OnDevice(ModelHook):
+        def __init__(self, name):
+            super().__init__()
+            self.name, self.execution_device = name, device  # `_execution_device` reads execution_device
+
+        def pre_forward(self, module, *args, **kwargs):
+            if self.name not in on_device or on_device - companions(self.name, models, placement):
+                for other in sorted(on_device - companions(self.name, models, placement)):
+                    models[other].to("cpu")
+                    on_device.discard(other)
+                module.to(device)
+                on_device.add(self.name)
+                log.append((self.name, frozenset(on_device)))
+            return args, kwargs
+
+    for name, module in models.items():
+        add_hook_to_module(module, OnDevice(name))
+    try:
+        yield
+    finally:
+        for name, module in models.items():
+            remove_hook_from_module(module)
+            module.to(before[name])
+        if offload is not None:
+            pipe.enable_model_cpu_offload(device=offload)
+
+
+def placements(pipe) -> tuple:
+    """The placements the plan may choose: all, or with diffusers' model CPU offload on all but "all" (its hooks are
+    replaced for the call); with other accelerate hooks (sequential offload) the models stay as they are set."""
+    if getattr(pipe, "_all_hooks", None):
+        return PLACEMENTS[1:]
+    if any(hasattr(m, "_hf_hook") for m in placed_models(pipe).values()):
+        return ("all",)
+    return PLACEMENTS
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. The plan
 
 
 @dataclass
@@ -311,14 +535,15 @@ class MemoryPlan:
     budget: int  # bytes the render may use, weights included
     budget_source: str  # "free" (the device's free memory minus a margin) or "given"
     batch_cfg: bool = True
-    reuse_across_windows: bool = True
+    reuse_across_windows: bool | str = True  # "host": the reuse cache in host memory
     forward_chunk_size: int | None = None
     memory_efficient_attention: bool = False
     decode_chunk_size: int = 8
-    estimate: int = 0  # bytes: resident weights + the largest peak below
-    parts: dict = field(default_factory=dict)  # bytes: weights, window, decode, encode, edit window, edit decode
+    estimate: int = 0  # bytes: the largest of each stage's resident weights + its peak activations
+    parts: dict = field(default_factory=dict)  # bytes: weights (main windows), window, decode, encode, edit ...
     enabled: tuple = ()  # what the plan changes from the call as given, in words
     relative_time: float = 1.0  # estimated time against the call as given (FLOPs are the same)
+    placement: str = "all"  # "all" on the device, "stage" / "nets" / "call": see `companions`
 
     def __str__(self):
         budget = f"{_size(self.budget)} {'free' if self.budget_source == 'free' else 'budget'}"
@@ -326,14 +551,14 @@ class MemoryPlan:
         return f"{self.width}x{self.height}, {budget}: {what}: {_size(self.estimate)} estimated"
 
     def edit_settings(self, settings: dict) -> dict:
-        """The editing branch's settings with the plan's VAE chunk."""
+        """The editing branch's settings with the plan's VAE chunk and reuse cache."""
         if not settings:
             return settings
         return {**settings, "decode_chunk_size": min(settings.get("decode_chunk_size", 8), self.decode_chunk_size),
                 "reuse_across_windows": settings.get("reuse_across_windows", True) and self.reuse_across_windows}
 
     def apply(self, pipe):
-        """A context in which `pipe` runs with the plan's attention and feed-forward (restored on exit)."""
+        """A context in which `pipe` runs with the plan's attention, feed-forward and placement (restored on exit)."""
         return _applied(pipe, self)
 
 
@@ -351,7 +576,8 @@ def _applied(pipe, plan):
         for m in components:
             set_forward_chunking(m, plan.forward_chunk_size)
     try:
-        yield plan
+        with placed(pipe, plan.placement):
+            yield plan
     finally:
         for m, chunk in zip(components, chunks):
             set_forward_chunking(m, chunk)
@@ -364,19 +590,24 @@ def _has_memory_efficient_attention(pipe) -> bool:
 
 
 def estimate_memory(pipe, height, width, context_length=16, batch_cfg=True, guidance_scale=7.0, forward_chunk_size=None,
-             memory_efficient_attention=None, decode_chunk_size=8, reuse_across_windows=True, strength=1.0,
-             edit_settings=None, motion_context=None) -> dict:
-    """Peak bytes of each part of a render with these switches, and the resident weights: {"weights", "window",
-    "decode", "encode", "edit window", "edit decode", "total"}. `memory_efficient_attention` None: as installed."""
+                    memory_efficient_attention=None, decode_chunk_size=8, reuse_across_windows=True, strength=1.0,
+                    edit_settings=None, motion_context=None, placement="all", weights=None) -> dict:
+    """Peak bytes of each stage of a render with these switches: {"weights" (resident during the main windows),
+    "window", "decode", "encode", "edit window", "edit decode" (activations), "total" (the largest of each stage's
+    resident weights + activations)}. `memory_efficient_attention` None: as installed; `reuse_across_windows`
+    True, "host" or False; `placement` one of `PLACEMENTS` (see `placed`); `weights`: `stage_weights`'s, if known."""
     memeff = _has_memory_efficient_attention(pipe) if memory_efficient_attention is None else memory_efficient_attention
     cfg = 2 if guidance_scale > 1 else 1
     branches = cfg if batch_cfg else 1
     scale = pipe.vae_scale_factor
-    parts = {"weights": resident_weights(pipe)}
-    parts["window"] = window_bytes(pipe.unet, pipe.controlnets, height, width, context_length, branches,
+    weights = weights or stage_weights(pipe, placement)
+    parts = {"weights": max(weights["window"])}
+    phases = {}
+    phases["window"] = window_phase_bytes(pipe.unet, pipe.controlnets, height, width, context_length, branches,
                                    memory_efficient=memeff, ff_chunk=forward_chunk_size,
                                    reuse_branches=cfg if reuse_across_windows else 0, motion_context=motion_context,
-                                   vae_scale_factor=scale)
+                                   vae_scale_factor=scale, host_cache=reuse_across_windows == "host")
+    parts["window"] = max(phases["window"])
     parts["decode"] = vae_bytes(pipe.vae, height, width, decode_chunk_size, memory_efficient=memeff)
     if strength < 1:
         parts["encode"] = vae_bytes(pipe.vae, height, width, decode_chunk_size, memory_efficient=memeff, encode=True)
@@ -384,14 +615,33 @@ def estimate_memory(pipe, height, width, context_length=16, batch_cfg=True, guid
         e = edit_settings
         edit_cfg = 2 if e.get("guidance_scale", 7.0) > 1 else 1
         edit_chunk = min(decode_chunk_size, e.get("decode_chunk_size", 8))
-        parts["edit window"] = window_bytes(pipe.unet, pipe.edit_controlnets, e["height"], e["width"],
-                                            e["context_length"], edit_cfg, memory_efficient=memeff,
+        reuse = e.get("reuse_across_windows", True) and reuse_across_windows
+        phases["edit window"] = window_phase_bytes(pipe.unet, pipe.edit_controlnets, e["height"], e["width"],
+                                            e["context_length"], edit_cfg if batch_cfg else 1, memory_efficient=memeff,
                                             ff_chunk=forward_chunk_size, vae_scale_factor=scale, motion=False,
-                                            reuse_branches=edit_cfg if e.get("reuse_across_windows", True) and reuse_across_windows else 0,
+                                            reuse_branches=edit_cfg if reuse else 0, host_cache=reuse == "host",
                                             joint_frames=e["context_length"] if e.get("cross_frame_mode", "joint") == "joint" else None)
+        parts["edit window"] = max(phases["edit window"])
         parts["edit decode"] = vae_bytes(pipe.vae, e["height"], e["width"], edit_chunk, memory_efficient=memeff)
-    parts["total"] = parts["weights"] + max(v for k, v in parts.items() if k != "weights")
+    stages = [weights["text"]] + [w + a for k, pair in phases.items() for w, a in zip(weights[k], pair)]
+    parts["total"] = max(stages + [weights["vae"] + v for k, v in parts.items() if "decode" in k or k == "encode"])
     return parts
+
+
+def stage_weights(pipe, placement: str = "all") -> dict:
+    """Bytes of the weights on the accelerator during each stage: "text", "vae", and for "window" and "edit window"
+    a pair (while the ControlNets run, while the UNet runs)."""
+    if placement == "all":
+        every = resident_weights(pipe)
+        return {"text": every, "window": (every, every), "edit window": (every, every), "vae": every}
+    models = {name: weight_bytes(m) for name, m in placed_models(pipe).items()}
+    unet, stages = models["unet"], {}
+    for stage, branch in (("window", "controlnet"), ("edit window", "edit_")):
+        nets = [size for n, size in models.items() if n.startswith(branch)] or [0]
+        stages[stage] = {"stage": (unet + sum(nets),) * 2, "nets": (unet + max(nets), unet),
+                         "call": (max(nets), unet)}[placement]
+    text = max(models.get("text_encoder", 0), models.get("image_encoder", 0))
+    return {"text": text, "vae": models["vae"], **stages}
 
 
 def resident_weights(pipe) -> int:
@@ -400,7 +650,23 @@ def resident_weights(pipe) -> int:
     main = [pipe.unet, *pipe.controlnets, *pipe.edit_controlnets]
     if getattr(pipe, "_offload_device", None) is not None and getattr(pipe, "_all_hooks", None):
         return max(weight_bytes(*main), weight_bytes(pipe.vae), weight_bytes(pipe.text_encoder))
-    return weight_bytes(*main, pipe.vae, pipe.text_encoder)
+    return weight_bytes(*placed_models(pipe).values())
+
+
+def transfer_bytes(pipe, plan, context_length=16, context_stride=8, guidance_scale=7.0) -> int:
+    """Bytes moved between host and accelerator per window of the main pass (both directions) by `plan`'s reuse
+    cache in host memory (the window's cached frames in, the new frames' out) and its placement (each ControlNet,
+    or each ControlNet and the UNet, in and out per CFG branch group); models on the device per stage move a few
+    times per render only."""
+    cfg = 2 if guidance_scale > 1 else 1
+    groups = 1 if plan.batch_cfg else cfg
+    moved = 0
+    if plan.reuse_across_windows == "host":
+        frame = cached_frame_bytes(pipe.unet, pipe.controlnets, plan.height, plan.width, pipe.vae_scale_factor)
+        moved += cfg * (context_length + context_stride) * frame
+    if plan.placement in ("nets", "call"):
+        moved += 2 * groups * weight_bytes(*pipe.controlnets, *([pipe.unet] if plan.placement == "call" else []))
+    return moved
 
 
 def default_budget(device) -> int:
@@ -409,54 +675,83 @@ def default_budget(device) -> int:
     return free - MARGIN
 
 
+def _cost(option) -> float:
+    _, ff, serial, reuse, placement = option
+    return (FF_COST[ff] * (SERIAL_CFG_COST if serial else 1.0) * {True: 1.0, "host": HOST_CACHE_COST, False: NO_REUSE_COST}[reuse]
+            * {"all": 1.0, "stage": STAGE_COST, "nets": NETS_COST, "call": CALL_COST}[placement])
+
+
+def _in_words(option, had, decode, decode_chunk_size, strength) -> list:
+    memeff, ff, serial, reuse, placement = option
+    had_memeff, had_chunk, had_reuse, had_placement = had
+    return ((["memory-efficient attention"] if memeff and not had_memeff else []) +
+            (["one CFG branch per call"] if serial else []) +
+            ([f"feed-forward in chunks of {ff} tokens"] if ff and ff != had_chunk else []) +
+            (["reuse cache in host memory"] if reuse == "host" else []) +
+            (["no reuse across windows"] if had_reuse and not reuse else []) +
+            (["each model on the GPU only for its stage"] if placement == "stage" and had_placement != "stage" else []) +
+            (["the ControlNets on the GPU only for their call"] if placement == "nets" else []) +
+            (["last resort, slower: model CPU offload (each model on the GPU only for its call)"]
+             if placement == "call" else []) +
+            ([f"VAE {'encode and ' if strength < 1 else ''}decode {decode} frame{'s' if decode > 1 else ''} at a time"]
+             if decode != decode_chunk_size else []))
+
+
 def plan_memory(pipe, height, width, context_length=16, batch_cfg=True, guidance_scale=7.0, decode_chunk_size=8,
-         reuse_across_windows=True, strength=1.0, edit_settings=None, memory_budget=None, motion_context=None,
-         device=None) -> MemoryPlan:
+                reuse_across_windows=True, strength=1.0, edit_settings=None, memory_budget=None, motion_context=None,
+                device=None) -> MemoryPlan:
     """The fastest combination of exact savings whose estimate fits the budget; ValueError if none does, naming the
     largest size (same aspect ratio) that fits. Never changes the window length, a setting of the result."""
     device = torch.device(device or pipe._execution_device)
     if memory_budget is None:
         if device.type != "cuda":
             raise ValueError("memory_budget is needed off CUDA (e.g. '12GB'): there is no free memory to ask.")
-        resident = sum(weight_bytes(m) for m in (pipe.unet, *pipe.controlnets, *pipe.edit_controlnets, pipe.vae,
-                                                 pipe.text_encoder) if next(m.parameters()).device == device)
+        resident = sum(weight_bytes(m) for m in placed_models(pipe).values() if _device_of(m) == device)
         budget, source = default_budget(device) + resident, "free"
     else:
         budget, source = parse_bytes(memory_budget), "given"
-    common = dict(context_length=context_length, guidance_scale=guidance_scale, reuse_across_windows=reuse_across_windows,
-                  strength=strength, edit_settings=edit_settings, motion_context=motion_context)
+    common = dict(context_length=context_length, guidance_scale=guidance_scale, strength=strength,
+                  edit_settings=edit_settings, motion_context=motion_context)
     had_memeff, cfg, had_chunk = _has_memory_efficient_attention(pipe), guidance_scale > 1, forward_chunk_size(pipe.unet)
-    cost = lambda o: FF_COST[o[1]] * (SERIAL_CFG_COST if o[2] else 1.0) * (NO_REUSE_COST if o[3] else 1.0)  # noqa: E731
-    options = [(had_memeff, None, False, False)] + sorted(  # as set up first; then memory-efficient attention (free)
-        ((True, ff, serial, no_reuse) for ff in FF_CHUNKS for serial in ((False, True) if batch_cfg and cfg else (False,))
-         for no_reuse in ((False, True) if reuse_across_windows else (False,))), key=cost)
+    where = placements(pipe)
     tokens = 2 * context_length * (height // pipe.vae_scale_factor) * (width // pipe.vae_scale_factor)
-    options = [o for o in options if not o[1] or o[1] < tokens]  # a chunk holding every token changes nothing
-    common.pop("reuse_across_windows")
-    least = dict(common, batch_cfg=False, forward_chunk_size=options[-1][1] or had_chunk, memory_efficient_attention=True,
-                 decode_chunk_size=1, reuse_across_windows=False)
-    if estimate_memory(pipe, height, width, **least)["total"] > budget:  # not even with every saving
-        raise ValueError(_nothing_fits(pipe, height, width, budget, source, least))
-    for memeff, ff, serial, no_reuse in options:
-        ff = ff or had_chunk
-        settings = dict(common, batch_cfg=batch_cfg and not serial, forward_chunk_size=ff,
-                        memory_efficient_attention=memeff, reuse_across_windows=reuse_across_windows and not no_reuse)
-        parts = estimate_memory(pipe, height, width, decode_chunk_size=1, **settings)
-        if parts["total"] > budget:
+    chunks = [ff for ff in FF_CHUNKS if not ff or ff < tokens]  # a chunk holding every token changes nothing
+    reuses = (True, "host", False) if reuse_across_windows else (False,)
+    serials = (False, True) if batch_cfg and cfg else (False,)
+    options = [(had_memeff, None, False, bool(reuse_across_windows), where[0])] + sorted(  # as set up first
+        ((True, ff, serial, reuse, place) for ff in chunks for serial in serials for reuse in reuses for place in where),
+        key=_cost)
+
+    weights = {place: stage_weights(pipe, place) for place in where}  # once: the estimates below only add them up
+
+    def settings(option):
+        memeff, ff, serial, reuse, place = option
+        return dict(common, batch_cfg=batch_cfg and not serial, forward_chunk_size=ff or had_chunk,
+                    memory_efficient_attention=memeff, reuse_across_windows=reuse, placement=place,
+                    weights=weights[place])
+
+    least = settings((True, chunks[-1], bool(serials[-1]), False, where[-1]))
+    if estimate_memory(pipe, height, width, decode_chunk_size=1, **least)["total"] > budget:  # not with every saving
+        raise ValueError(_nothing_fits(pipe, height, width, budget, source, dict(least, decode_chunk_size=1)))
+    @functools.lru_cache(maxsize=None)
+    def fits(option) -> bool:  # with one frame per VAE call
+        return estimate_memory(pipe, height, width, decode_chunk_size=1, **settings(option))["total"] <= budget
+
+    for option in options:
+        # the same with the smallest feed-forward chunk is a lower bound: one trace rules out every chunk size
+        if not fits(option[:1] + (chunks[-1],) + option[2:]) or not fits(option):
             continue
         decode = next(d for d in sorted({d for d in DECODE_CHUNKS if d < decode_chunk_size} | {decode_chunk_size},
                                         reverse=True)
-                      if estimate_memory(pipe, height, width, decode_chunk_size=d, **settings)["total"] <= budget)
-        parts = estimate_memory(pipe, height, width, decode_chunk_size=decode, **settings)
-        enabled = (["memory-efficient attention"] if memeff and not had_memeff else []) + \
-            (["one CFG branch per call"] if serial else []) + \
-            ([f"feed-forward in chunks of {ff} tokens"] if ff and ff != had_chunk else []) + \
-            (["no reuse across windows"] if no_reuse else []) + \
-            ([f"VAE {'encode and ' if strength < 1 else ''}decode {decode} frame{'s' if decode > 1 else ''} at a time"]
-             if decode != decode_chunk_size else [])
-        return MemoryPlan(height, width, budget, source, batch_cfg and not serial, reuse_across_windows and not no_reuse,
-                          ff, memeff, decode, parts["total"], parts, tuple(enabled),
-                          cost((memeff, ff if ff != had_chunk else None, serial, no_reuse)))
+                      if estimate_memory(pipe, height, width, decode_chunk_size=d, **settings(option))["total"] <= budget)
+        parts = estimate_memory(pipe, height, width, decode_chunk_size=decode, **settings(option))
+        memeff, ff, serial, reuse, place = option
+        words = _in_words(option, (had_memeff, had_chunk, reuse_across_windows, where[0]), decode, decode_chunk_size,
+                          strength)
+        return MemoryPlan(height, width, budget, source, batch_cfg and not serial,
+                          reuse if reuse_across_windows else False, ff or had_chunk, memeff, decode, parts["total"],
+                          parts, tuple(words), _cost((memeff, ff if ff != had_chunk else None, serial, reuse, place)),
+                          place)
     raise AssertionError("the plan with every saving fits, so one of the options does")
 
 
@@ -476,6 +771,6 @@ def _nothing_fits(pipe, height, width, budget, source, smallest) -> str:
     where = "free on the device" if source == "free" else "in memory_budget"
     advice = (f"the largest size that fits is {best} (pass height/width)" if best else
               "not even the smallest size fits")
-    return (f"{width}x{height} needs about {_size(least['total'])} with every saving (weights "
-            f"{_size(least['weights'])}), more than the {_size(budget)} {where}: {advice}; or lower "
-            "context_length, or call pipe.enable_model_cpu_offload() (the slow last resort).")
+    return (f"{width}x{height} needs about {_size(least['total'])} with every saving, model CPU offload included "
+            f"(weights on the device {_size(least['weights'])}), more than the {_size(budget)} {where}: {advice}; "
+            "or lower context_length.")

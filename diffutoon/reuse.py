@@ -38,11 +38,13 @@ class FrameCache:
     """Per-frame results of one step, computed a canonical chunk at a time on demand.
 
     `compute(start, end)` returns a list of tensors whose first dimension is (branches x frames), branch-major, as
-    the models take them; `get(start, end)` returns the same layout for any range of frames.
+    the models take them; `get(start, end)` returns the same layout for any range of frames. `host`: the frames are
+    kept in host memory and copied to the accelerator per call (the same bits; issue 18's memory plan).
     """
 
-    def __init__(self, chunks: list[tuple[int, int]], compute: Callable, branches: int):
-        self.chunks, self.compute, self.branches = chunks, compute, branches
+    def __init__(self, chunks: list[tuple[int, int]], compute: Callable, branches: int, host: bool = False):
+        self.chunks, self.compute, self.branches, self.host = chunks, compute, branches, host
+        self.device = None  # where `compute` puts its results, and `get` returns them
         self.frames: dict[int, list[torch.Tensor]] = {}
         self.computed: set[tuple[int, int]] = set()
         self.peak_frames = 0  # the most frames held at once (tests assert it stays about one window)
@@ -52,13 +54,23 @@ class FrameCache:
             if chunk[0] < end and start < chunk[1] and chunk not in self.computed:
                 self._fill(*chunk)
         parts = [self.frames[i] for i in range(start, end)]
-        return [torch.stack([frame[k] for frame in parts], dim=1).flatten(0, 1) for k in range(len(parts[0]))]
+        if not self.host:
+            return [torch.stack([frame[k] for frame in parts], dim=1).flatten(0, 1) for k in range(len(parts[0]))]
+        out = []  # each frame copied into its place on the accelerator: no stacked copy in host memory
+        for k in range(len(parts[0])):
+            first = parts[0][k]
+            stacked = torch.empty((first.shape[0], len(parts), *first.shape[1:]), dtype=first.dtype, device=self.device)
+            for i, frame in enumerate(parts):
+                stacked[:, i].copy_(frame[k])
+            out.append(stacked.flatten(0, 1))
+        return out
 
     def _fill(self, start: int, end: int):
         self.computed.add((start, end))
         outputs = [t.unflatten(0, (self.branches, end - start)) for t in self.compute(start, end)]
+        self.device = outputs[0].device
         for i in range(end - start):  # a copy per frame, so evicting a frame frees it
-            self.frames[start + i] = [t[:, i].clone() for t in outputs]
+            self.frames[start + i] = [t[:, i].to("cpu", copy=True) if self.host else t[:, i].clone() for t in outputs]
         self.peak_frames = max(self.peak_frames, len(self.frames))
 
     def release_before(self, frame: int):
@@ -71,17 +83,19 @@ class WindowReuse:
     """The caches of one denoising step: per CFG branch group ("cfg" both batched, "neg", "pos", "single"), the
     summed ControlNet residuals and, where the UNet allows it, its window-independent prefix."""
 
-    def __init__(self, windows: list[tuple[int, int]], controlnet: Callable, prefix: Callable | None):
+    def __init__(self, windows: list[tuple[int, int]], controlnet: Callable, prefix: Callable | None,
+                 host: bool = False):
         """`controlnet(key, start, end)` -> [down residuals..., mid residual]; `prefix(key, start, end)` ->
-        [conv_in output, first transformer output], both (branches x frames, ...) on the accelerator."""
+        [conv_in output, first transformer output], both (branches x frames, ...) on the accelerator. `host`: the
+        caches in host memory (`FrameCache`)."""
         self.chunks = window_chunks(windows)
-        self._controlnet, self._prefix = controlnet, prefix
+        self._controlnet, self._prefix, self.host = controlnet, prefix, host
         self.caches: dict[tuple[str, str], FrameCache] = {}
 
     def _cache(self, what: str, key: str, branches: int) -> FrameCache:
         if (what, key) not in self.caches:
             compute = self._controlnet if what == "controlnet" else self._prefix
-            self.caches[what, key] = FrameCache(self.chunks, lambda s, e: compute(key, s, e), branches)
+            self.caches[what, key] = FrameCache(self.chunks, lambda s, e: compute(key, s, e), branches, self.host)
         return self.caches[what, key]
 
     def controlnet_residuals(self, key: str, branches: int, start: int, end: int):

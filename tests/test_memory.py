@@ -98,12 +98,75 @@ def test_nothing_fits_names_the_largest_size_before_reading_a_frame(tiny_pipe):
             raise AssertionError("a frame was read")
 
     every_saving = dict(context_length=8, batch_cfg=False, memory_efficient_attention=True, decode_chunk_size=1,
-                        forward_chunk_size=1024, motion_context=per_frame_motion_groupnorm)
+                        forward_chunk_size=1024, motion_context=per_frame_motion_groupnorm, reuse_across_windows=False,
+                        placement="call")
     small, large = (memory.estimate_memory(tiny_pipe, s, s, **every_saving)["total"] for s in (64, 128))
     assert small < large
     with pytest.raises(ValueError, match="largest size that fits is 64x64"):
         tiny_pipe(video=Unreadable(), prompt="a girl", height=128, width=128, context_length=8, context_stride=4,
                   memory_budget=f"{(small + large) // 2}B")
+
+
+def test_host_cache_and_model_placement_give_the_unplanned_frames(tiny_pipe):
+    """The reuse cache in host memory, each model on the device only for its stage / its call: the same bits (on a
+    GPU the weights and cached frames move between host and device; here the moves are tracked by name)."""
+    video = make_video(10, SIZE)
+    unplanned = render(tiny_pipe, video, memory_plan=None)
+    nets = {"controlnet.0", "controlnet.1"}
+    for placement, reuse in (("stage", "host"), ("nets", True), ("call", True)):
+        plan = memory.MemoryPlan(SIZE, SIZE, 10**9, "given", reuse_across_windows=reuse, placement=placement)
+        planned = render(tiny_pipe, video, memory_plan=plan)
+        assert np.array_equal(planned, unplanned), placement
+        log = tiny_pipe._placement_log
+        assert {name for name, _ in log} == {"text_encoder", "unet", "vae", *nets}
+        for name, on_device in log:  # what shares the device with the model called
+            allowed = {"unet", *nets} if placement == "stage" and name in {"unet", *nets} else {name}
+            allowed = {"unet", name} if placement == "nets" and name in nets else allowed
+            assert name in on_device <= allowed, log
+        assert (placement == "stage") == (("unet", {"unet", *nets}) in log)
+        assert not any(hasattr(m, "_hf_hook") for m in memory.placed_models(tiny_pipe).values())  # hooks removed
+        assert all(cache.host == (reuse == "host") for cache in tiny_pipe._last_reuse.caches.values())
+    assert len([n for n, _ in log if n == "unet"]) > 2  # "call": the UNet comes back after the ControlNets, per window
+
+
+def test_plan_replaces_diffusers_model_cpu_offload_for_the_call_and_puts_it_back():
+    """Weights larger than the card: diffusers' enable_model_cpu_offload, then the plan's own placement per call."""
+    from diffutoon.tiny import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    video = make_video(6, SIZE)
+    kwargs = dict(context_length=4, context_stride=2, output_type="latent")
+    unplanned = render(pipe, video, memory_plan=None, **kwargs)
+    pipe.enable_model_cpu_offload(device="cpu")
+    hooks = len(pipe._all_hooks)
+    assert memory.placements(pipe) == ("stage", "nets", "call")
+    assert memory.plan_memory(pipe, SIZE, SIZE, context_length=4, memory_budget="1GB").placement == "stage"
+    plan = memory.MemoryPlan(SIZE, SIZE, 10**9, "given", placement="nets", reuse_across_windows="host")
+    assert torch.equal(render(pipe, video, memory_plan=plan, **kwargs), unplanned)
+    assert pipe._placement_log and len(pipe._all_hooks) == hooks and hasattr(pipe.unet, "_hf_hook")
+
+
+def test_placement_and_host_cache_lower_the_estimate(tiny_pipe):
+    kwargs = dict(context_length=8, motion_context=per_frame_motion_groupnorm)
+    parts = {p: memory.estimate_memory(tiny_pipe, SIZE, SIZE, placement=p, **kwargs) for p in memory.PLACEMENTS}
+    weights = memory.weight_bytes
+    unet, nets, vae = tiny_pipe.unet, tiny_pipe.controlnets, tiny_pipe.vae
+    assert parts["all"]["weights"] == weights(unet, *nets, vae, tiny_pipe.text_encoder)
+    largest = max(weights(m) for m in nets)
+    assert memory.stage_weights(tiny_pipe, "stage")["window"] == (weights(unet, *nets),) * 2
+    assert memory.stage_weights(tiny_pipe, "nets")["window"] == (weights(unet) + largest, weights(unet))
+    assert memory.stage_weights(tiny_pipe, "call")["window"] == (largest, weights(unet))
+    phases = memory.window_phase_bytes(unet, nets, SIZE, SIZE, 8, 2, memory_efficient=False, reuse_branches=2,
+                                       motion_context=per_frame_motion_groupnorm)
+    for p in memory.PLACEMENTS:  # each stage's weights + its activations; the text stage's are not counted
+        w = memory.stage_weights(tiny_pipe, p)
+        assert parts[p]["total"] == max(w["text"], w["window"][0] + phases[0], w["window"][1] + phases[1],
+                                        w["vae"] + parts[p]["decode"])
+    assert parts["all"]["total"] > parts["stage"]["total"] > parts["call"]["total"]
+    cache = {r: memory.estimate_memory(tiny_pipe, SIZE, SIZE, reuse_across_windows=r, **kwargs)["window"]
+             for r in (True, "host", False)}
+    assert cache[False] <= cache["host"] < cache[True]
 
 
 def test_memory_budget_strings():
