@@ -1,9 +1,12 @@
 """Shared fixtures: tiny random-weight components, built once per session, never downloaded."""
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the suite must never reach the Hub
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# the input-hash and memory-estimate caches of this run: never the user's ~/.cache/diffutoon
+os.environ.setdefault("DIFFUTOON_CACHE", tempfile.mkdtemp(prefix="diffutoon-test-cache-"))
 
 import numpy as np
 import pytest
