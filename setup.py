@@ -36,7 +36,7 @@ setup(
         # the web app (`diffutoon ui`, app.py)
         "ui": ["gradio>=6.0"],
         # the suite, including the web app's tests and its real-browser test (Debian: apt install chromium chromium-driver)
-        "test": ["pytest>=8", "gradio>=6.0", "selenium>=4.11"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "gradio>=6.0", "selenium>=4.11"],
     },
     entry_points={"console_scripts": ["diffutoon=diffutoon.__main__:main"]},
 )

@@ -775,7 +775,7 @@ def test_setup_extras_and_ci_script():
 
     assert f"gradio>={GRADIO_MIN}" in extras["ui"]
     assert set(extras["ui"]) <= set(extras["test"]) and any(r.startswith("selenium") for r in extras["test"])
-    readme_command = 'pip install -e ".[test]" && python -m pytest -q tests'
+    readme_command = 'pip install -e ".[test]" && python -m pytest -q -n 2 tests'
     assert readme_command in (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
     assert "chromium" in ci and "chromium-driver" in ci
