@@ -61,21 +61,23 @@ def _start_browser():
     return drv, profile
 
 
-@pytest.fixture(scope="module")
-def browser():
+def _open_browser():
+    """A browser with a profile of its own, closed and its profile removed afterwards."""
     drv, profile = _start_browser()
     yield drv
     drv.quit()
     shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    yield from _open_browser()
 
 
 @pytest.fixture(scope="module")
 def other_browser():
     """A second browser profile: another user of the same app."""
-    drv, profile = _start_browser()
-    yield drv
-    drv.quit()
-    shutil.rmtree(profile, ignore_errors=True)
+    yield from _open_browser()
 
 
 def _free_port():

@@ -54,6 +54,16 @@ def check_style_files(files):
 
 
 @contextlib.contextmanager
+def _loading(path: Path, what: str, where: str):
+    """A user's file that fails to load: one line with the name they uploaded it under (stored as <key>-<name>)."""
+    try:
+        yield
+    except Exception as e:
+        original = path.name.partition("-")[2]
+        raise UIError(f"{what} {original}: could not load it {where} ({one_line(e, {path: original})})") from e
+
+
+@contextlib.contextmanager
 def style_files(pipe, job, base_loras, scale):
     """The job's LoRAs and textual inversions, loaded for its render only; the shared pipeline is restored after
     (tokenizer and embedding rows exactly, LoRA layers removed or the start-up adapters set back)."""
@@ -65,21 +75,13 @@ def style_files(pipe, job, base_loras, scale):
     names = []
     try:
         for path, token in embeddings:
-            try:
+            with _loading(path, "Textual inversion", "into this app's text encoder"):
                 pipe.load_textual_inversion(str(path), token=token)
-            except Exception as e:
-                original = path.name.partition("-")[2]
-                raise UIError(f"Textual inversion {original}: could not load it into this app's text encoder "
-                              f"({one_line(e, {path: original})})") from e
         for i, path in enumerate(loras):
             name = f"ui_lora{i}"
             names.append(name)
-            try:
+            with _loading(path, "LoRA", "onto this app's models"):
                 pipe.load_lora_weights(str(path), adapter_name=name)
-            except Exception as e:
-                original = path.name.partition("-")[2]
-                raise UIError(f"LoRA {original}: could not load it onto this app's models "
-                              f"({one_line(e, {path: original})})") from e
         if names:
             pipe.set_adapters([*base_names, *names], [*base_weights, *[float(scale)] * len(names)])
         yield
