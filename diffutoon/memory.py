@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 from diffusers.models.attention import FeedForward
+from diffusers.models.modeling_utils import no_init_weights
 from diffusers.utils import logging
 
 GB = 1e9
@@ -107,19 +108,33 @@ def forward_chunk_size(module: torch.nn.Module) -> int | None:
 
 
 class LiveTensorBytes(torch.utils._python_dispatch.TorchDispatchMode):
-    """Peak of the bytes held by live tensor storages created inside the mode (views and in-place ops are free)."""
+    """Peak of the bytes held by live tensor storages created inside the mode (views and in-place ops are free).
 
-    def __init__(self):
+    `replay`: a functional op on meta tensors whose signature was seen before (`_META_OPS`) gets empty outputs of the
+    recorded shapes, strides and dtypes instead of running its (Python) meta function again: the same storages of the
+    same sizes, counted and freed as before."""
+
+    def __init__(self, replay: bool = True):
         super().__init__()
         self.live = self.peak = 0
         self.seen = set()
+        self.replay = replay
 
     def _free(self, n, key):
         self.live -= n
         self.seen.discard(key)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        key = _signature(func, args, kwargs) if self.replay else None
+        outs = _META_OPS.get(key) if key is not None else None
+        if outs:
+            out = tuple(torch.empty_strided(shape, stride, dtype=dtype, device="meta") for shape, stride, dtype in outs)
+            out = out if len(func._schema.returns) > 1 else out[0]
+        else:
+            out = func(*args, **kwargs)
+            if key is not None and outs is None:
+                _META_OPS[key] = _replayable(args, kwargs, out)
         outs = out if isinstance(out, (tuple, list)) else (out,)
         for ret, o in zip(func._schema.returns, outs):
             if isinstance(o, torch.Tensor) and ret.alias_info is None:
@@ -132,6 +147,66 @@ class LiveTensorBytes(torch.utils._python_dispatch.TorchDispatchMode):
                 self.peak = max(self.peak, self.live)
                 weakref.finalize(storage, self._free, n, id(storage))
         return out
+
+
+# Meta ops replayed by signature: (op, the arguments with each tensor as its shape, stride, offset, dtype) -> the
+# outputs' (shape, stride, dtype), or False where they are not plain new storages (an alias of an input, an offset,
+# a list). The UNet repeats the same ops on the same shapes (identical blocks, ControlNets shaped like its down path),
+# and the traces of one plan share most of them. Per process; a meta function depends on nothing else.
+_META_OPS: dict = {}
+_FUNCTIONAL: dict = {}  # op -> whether it returns only new tensors (no alias, no list, no optional)
+
+
+def _functional(func) -> bool:
+    if func not in _FUNCTIONAL:
+        returns = func._schema.returns
+        _FUNCTIONAL[func] = bool(returns) and all(
+            r.alias_info is None and isinstance(r.type, torch._C.TensorType) for r in returns)
+    return _FUNCTIONAL[func]
+
+
+def _signature(func, args, kwargs):
+    """The replay key of an op call, or None (not functional, or a tensor off the meta device)."""
+    if not _functional(func):
+        return None
+    try:
+        return func, _described(args), _described(tuple(kwargs.items()))
+    except _NotMeta:
+        return None
+
+
+class _NotMeta(Exception):
+    pass
+
+
+def _described(value):
+    if isinstance(value, torch.Tensor):
+        if not value.is_meta or type(value) is not torch.Tensor and type(value) is not torch.nn.Parameter:
+            raise _NotMeta
+        return value.shape, value.stride(), value.storage_offset(), value.dtype
+    if isinstance(value, (tuple, list)):
+        return type(value), tuple(_described(v) for v in value)
+    return type(value), value  # the type too: 1 == 1.0 == True, but they promote differently
+
+
+def _replayable(args, kwargs, out):
+    """The outputs' (shape, stride, dtype) if empty tensors of them are what the op returned, else False."""
+    outs = out if isinstance(out, tuple) else (out,)
+    inputs = {id(t.untyped_storage()) for t in torch.utils._pytree.tree_leaves((args, kwargs))
+              if isinstance(t, torch.Tensor)}
+    recorded, storages = [], set()
+    for o in outs:
+        if type(o) is not torch.Tensor or not o.is_meta or o.storage_offset() or o.is_conj() or o.is_neg():
+            return False
+        storage = id(o.untyped_storage())
+        if storage in inputs or storage in storages:
+            return False
+        storages.add(storage)
+        elements = 0 if 0 in o.shape else 1 + sum((n - 1) * s for n, s in zip(o.shape, o.stride()))
+        if o.untyped_storage().nbytes() != elements * o.element_size() or o.layout != torch.strided:
+            return False
+        recorded.append((o.shape, o.stride(), o.dtype))
+    return tuple(recorded)
 
 
 _CONFIG_KEYS = weakref.WeakKeyDictionary()  # a model's configuration as text, made once (a plan asks ~100 times)
@@ -151,7 +226,7 @@ def _meta_model(cls, config_key: str, dtype: torch.dtype, motion: bool = True):
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # from_config's notes on dtypes: these copies have no weights to keep in float32
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), no_init_weights():  # meta tensors hold no values to initialise
             model = cls.from_config(config).to(dtype).eval()
     finally:
         logging.set_verbosity(verbosity)
