@@ -252,46 +252,117 @@ class _Identity(torch.nn.Module):
 
 
 @contextmanager
-def _meta_kernels(memory_efficient: bool, ff_chunk: int | None, joint_frames: int | None = None):
+def _meta_kernels(memory_efficient: bool, ff_chunk: int | None, joint_frames: int | None = None, variants=None,
+                  mem=None):
     """Attention and feed-forward as the accelerator runs them, without their cost on meta tensors.
 
     Attention: a flash / memory-efficient kernel allocates its output only; the plain path the score matrix and
     its softmax. `joint_frames`: the editing branch's cross-frame attention (self-attention over all frames of a
     group: q, k, v copied into one sequence). Feed-forward in chunks: the outputs of all chunks but the last, one
-    chunk's intermediates, then the concatenation, in a fixed number of meta ops whatever the chunk count."""
+    chunk's intermediates, then the concatenation, in a fixed number of meta ops whatever the chunk count.
+    `variants` (several (memory_efficient, ff_chunk), with `mem` the trace's meter): every variant's kernels in one
+    trace (`_Alternatives`, yielded); else None."""
     sdpa, ff_forward = torch.nn.functional.scaled_dot_product_attention, FeedForward.forward
 
-    def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
-        shape = q.shape
-        joint = joint_frames and q.shape[-2] == k.shape[-2] and q.shape[0] % joint_frames == 0
-        if joint:  # (G F, H, N, D) -> (G, H, F N, D): a copy of each
-            q, k, v = (t.reshape(-1, joint_frames, *t.shape[1:]).transpose(1, 2).reshape(
-                t.shape[0] // joint_frames, t.shape[1], -1, t.shape[-1]) for t in (q, k, v))
-        if memory_efficient:
-            out = q.new_empty(q.shape[:-1] + v.shape[-1:])
-        else:
-            out = torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
-        if joint:
-            out = out.reshape(-1, shape[1], joint_frames, shape[2], out.shape[-1]).transpose(1, 2).reshape(
-                *shape[:-1], out.shape[-1])
-        return out
+    def attention_for(memory_efficient):
+        def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+            shape = q.shape
+            joint = joint_frames and q.shape[-2] == k.shape[-2] and q.shape[0] % joint_frames == 0
+            if joint:  # (G F, H, N, D) -> (G, H, F N, D): a copy of each
+                q, k, v = (t.reshape(-1, joint_frames, *t.shape[1:]).transpose(1, 2).reshape(
+                    t.shape[0] // joint_frames, t.shape[1], -1, t.shape[-1]) for t in (q, k, v))
+            if memory_efficient:
+                out = q.new_empty(q.shape[:-1] + v.shape[-1:])
+            else:
+                out = torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
+            if joint:
+                out = out.reshape(-1, shape[1], joint_frames, shape[2], out.shape[-1]).transpose(1, 2).reshape(
+                    *shape[:-1], out.shape[-1])
+            return out
+        return attention
 
-    def chunked(self, hidden_states, *args, **kwargs):
-        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
-        if not ff_chunk or flat.shape[0] <= ff_chunk:
-            return ff_forward(self, hidden_states)
-        done = flat.new_empty(flat.shape[0] - ff_chunk, self.net[-1].out_features)  # the chunks' outputs so far
-        last = ff_forward(self, flat[:ff_chunk])
-        out = torch.cat([done, last])
-        del done, last
-        return out.reshape(*hidden_states.shape[:-1], out.shape[-1])
+    def chunked_for(ff_chunk):
+        def chunked(self, hidden_states, *args, **kwargs):
+            flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+            if not ff_chunk or flat.shape[0] <= ff_chunk:
+                return ff_forward(self, hidden_states)
+            done = flat.new_empty(flat.shape[0] - ff_chunk, self.net[-1].out_features)  # the chunks' outputs so far
+            last = ff_forward(self, flat[:ff_chunk])
+            out = torch.cat([done, last])
+            del done, last
+            return out.reshape(*hidden_states.shape[:-1], out.shape[-1])
+        return chunked
+
+    alternatives = None
+    if variants is None or len(variants) == 1:
+        memory_efficient, ff_chunk = variants[0] if variants else (memory_efficient, ff_chunk)
+        attention, chunked = attention_for(memory_efficient), chunked_for(ff_chunk)
+    else:
+        alternatives = _Alternatives(mem, variants)
+        attentions = {m: (attention_for(m), [v for v in variants if v[0] == m]) for m, _ in variants}
+        chunks = {ff: chunked_for(ff) for _, ff in variants}
+
+        def attention(*args, **kwargs):
+            return alternatives.run(attentions.values(), *args, **kwargs)
+
+        def chunked(self, hidden_states, *args, **kwargs):
+            tokens = hidden_states.numel() // hidden_states.shape[-1]
+            same = {}  # variants by the chunk that changes anything here
+            for v in variants:
+                same.setdefault(v[1] if v[1] and tokens > v[1] else None, []).append(v)
+            return alternatives.run([(chunks[ff], vs) for ff, vs in same.items()], self, hidden_states)
 
     torch.nn.functional.scaled_dot_product_attention = attention
     FeedForward.forward = chunked
     try:
-        yield
+        yield alternatives
     finally:
         torch.nn.functional.scaled_dot_product_attention, FeedForward.forward = sdpa, ff_forward
+
+
+class _NotShared(Exception):
+    """Variants that one trace cannot serve exactly: each is traced alone."""
+
+
+class _Alternatives:
+    """Several variants of the stand-in kernels in one trace. At each kernel call every variant's kernel runs on the
+    same inputs in turn, from the same live bytes (the previous one's output freed first): the peak each reaches is
+    kept per variant (`peaks`), the trace's meter sees none of them, and the last one's output goes on. Exact when
+    every variant's kernel leaves the same thing behind (one new output, same shape, strides, dtype, bytes), checked
+    at each call: then the live bytes outside the kernels are the same for every variant, and a variant's peak is the
+    larger of the meter's and its kernels'."""
+
+    def __init__(self, mem, variants):
+        self.mem, self.peaks, self.running = mem, dict.fromkeys(variants, 0), False
+
+    def run(self, kernels, *args, **kwargs):
+        mem = self.mem
+        if self.running:
+            raise _NotShared("nested kernels")
+        self.running, peak, live, left = True, mem.peak, mem.live, None
+        out = None
+        for kernel, variants in kernels:
+            out = None  # the previous variant's output
+            if mem.live != live:
+                raise _NotShared("a kernel left more than its output")
+            mem.peak = live
+            out = kernel(*args, **kwargs)
+            nbytes = out.untyped_storage().nbytes()
+            described = (out.shape, out.stride(), out.storage_offset(), out.dtype, nbytes)
+            if mem.live - live != nbytes or left not in (None, described):
+                raise _NotShared("the variants' kernels leave different outputs")
+            left = described
+            for v in variants:
+                self.peaks[v] = max(self.peaks[v], mem.peak)
+        mem.peak, self.running = peak, False
+        return out
+
+    def phase(self) -> dict:
+        """Each variant's peak so far (the meter's and its kernels'); the next phase starts from the live bytes."""
+        peaks = {v: max(self.mem.peak, p) for v, p in self.peaks.items()}
+        self.peaks = dict.fromkeys(self.peaks, 0)
+        self.mem.peak = self.mem.live
+        return peaks
 
 
 _PEAKS: dict = {}  # traced peaks by (configs, shapes, switches): a plan re-asks the same questions
@@ -323,13 +394,21 @@ def _disk() -> dict:
         return {}
 
 
+def _disk_name(key) -> str:
+    return hashlib.sha1(repr((_code_version(), key)).encode()).hexdigest()
+
+
 def _cached(key, compute):
+    """`key`'s value: in memory, on disk, or `compute()`d (a value, or a dict of values by key that includes `key`'s:
+    one trace may answer several keys)."""
     if key not in _PEAKS:
-        name = hashlib.sha1(repr((_code_version(), key)).encode()).hexdigest()
-        value = _disk().get(name)
+        value = _disk().get(_disk_name(key))
         if value is None:
-            value = _disk()[name] = compute()
+            values = compute()
+            values = values if isinstance(values, dict) else {key: values}
+            _disk().update({_disk_name(k): v for k, v in values.items()})
             _save(_disk())
+            value = values[key]
         _PEAKS[key] = tuple(value) if isinstance(value, list) else value
     return _PEAKS[key]
 
@@ -389,15 +468,28 @@ def cached_frame_bytes(unet, nets, height: int, width: int, vae_scale_factor: in
 
 def _traced_window(unet, nets, height, width, frames, branches, memory_efficient, ff_chunk, motion_context,
                    vae_scale_factor, text_tokens, joint_frames, motion):
-    """`window_phases` on meta copies, cached."""
-    if ff_chunk and ff_chunk >= branches * frames * (height // vae_scale_factor) * (width // vae_scale_factor):
-        ff_chunk = None  # no feed-forward sees more tokens than the first level's: the chunking changes nothing
-    key = ("window", _config_key(unet), tuple(_config_key(n) for n in nets), height, width, frames, branches,
-           memory_efficient, ff_chunk, getattr(motion_context, "__name__", None), vae_scale_factor,
-           text_tokens, joint_frames, motion, _dtype(unet))
-    return _cached(key, lambda: window_phases(
-        meta_copy(unet, motion=motion), [meta_copy(n) for n in nets], height, width, frames, branches,
-        memory_efficient, ff_chunk, motion_context, vae_scale_factor, text_tokens, joint_frames))
+    """`window_phases` on meta copies, cached. A trace answers for both attentions and every feed-forward chunk size
+    the plan tries at once (`_window_variants`): a plan traces each shape once."""
+    tokens = branches * frames * (height // vae_scale_factor) * (width // vae_scale_factor)
+    chunk = lambda ff: None if ff and ff >= tokens else ff  # noqa: E731  (a chunk of every token changes nothing)
+    variants = sorted({(m, chunk(ff)) for m in (True, False) for ff in (*FF_CHUNKS, ff_chunk)},
+                      key=lambda v: (v[0], v[1] or 0))
+
+    def key(variant):
+        return ("window", _config_key(unet), tuple(_config_key(n) for n in nets), height, width, frames, branches,
+                *variant, getattr(motion_context, "__name__", None), vae_scale_factor, text_tokens, joint_frames,
+                motion, _dtype(unet))
+
+    def trace():
+        models = meta_copy(unet, motion=motion), [meta_copy(n) for n in nets]
+        args = (height, width, frames, branches, motion_context, vae_scale_factor, text_tokens, joint_frames)
+        try:
+            peaks = _window_variants(*models, variants, *args)
+        except _NotShared:  # each variant alone
+            peaks = {v: _window_variants(*models, [v], *args)[v] for v in variants}
+        return {key(v): p for v, p in peaks.items()}
+
+    return _cached(key((memory_efficient, chunk(ff_chunk))), trace)
 
 
 @torch.no_grad()
@@ -407,13 +499,29 @@ def window_phases(unet, nets, height, width, frames, branches, memory_efficient=
     frame's residuals of one branch): what any reuse cache adds is held through the UNet phase only, so one trace
     serves every reuse mode. On meta models the kernels are stand-ins (`_meta_kernels`); on real models (any device)
     the same calls run for real: what bench/bench_memory.py measures the estimate against."""
+    variant = (memory_efficient, ff_chunk)
+    return _window_variants(unet, nets, [variant], height, width, frames, branches, motion_context, scale,
+                            text_tokens, joint_frames)[variant]
+
+
+@torch.no_grad()
+def _window_variants(unet, nets, variants, height, width, frames, branches, motion_context=None, scale=8,
+                     text_tokens=77, joint_frames=None) -> dict:
+    """`window_phases` for several (memory_efficient, ff_chunk) on meta models in one trace (`_Alternatives`), by
+    variant; raises `_NotShared` where one trace cannot serve them all exactly."""
     dtype, meta = unet.dtype, unet.device
     h, w, c = height // scale, width // scale, unet.config.in_channels
     t = torch.tensor(999, device=meta)
     context = motion_context(unet) if motion_context is not None else nullcontext()
-    kernels = _meta_kernels(memory_efficient, ff_chunk, joint_frames) if meta.type == "meta" else nullcontext()
+    mem = LiveTensorBytes()
+    if meta.type == "meta":
+        kernels = _meta_kernels(None, None, joint_frames, variants, mem)
+    elif len(variants) == 1:  # the models' own kernels, as set up
+        kernels = nullcontext()
+    else:
+        raise ValueError("several variants need meta models")
     per_frame = 0
-    with kernels, context, LiveTensorBytes() as mem:
+    with kernels as alternatives, context, mem:
         latents = torch.empty(branches, c, frames, h, w, device=meta, dtype=dtype)
         embeds = torch.empty(branches * frames, text_tokens, unet.config.cross_attention_dim, device=meta, dtype=dtype)
         x = latents.transpose(1, 2).reshape(branches * frames, c, h, w)
@@ -428,10 +536,14 @@ def window_phases(unet, nets, height, width, frames, branches, memory_efficient=
         del x
         if down is not None:
             per_frame = (sum(r.numel() for r in down) + mid.numel()) // (branches * frames)
-        controlnets, mem.peak = mem.peak, mem.live
+        if alternatives is None:
+            controlnets, mem.peak = dict.fromkeys(variants, mem.peak), mem.live
+        else:
+            controlnets = alternatives.phase()
         unet(latents, t, encoder_hidden_states=embeds, down_block_additional_residuals=down,
              mid_block_additional_residual=mid)
-    return controlnets, mem.peak, per_frame
+        unet_peak = dict.fromkeys(variants, mem.peak) if alternatives is None else alternatives.phase()
+    return {v: (controlnets[v], unet_peak[v], per_frame) for v in variants}
 
 
 def window_trace(unet, nets, height, width, frames, branches, memory_efficient=True, ff_chunk=None, motion_context=None, scale=8, text_tokens=77, joint_frames=None):
