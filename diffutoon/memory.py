@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import functools
+import gc
 import hashlib
 import json
 import os
@@ -114,64 +115,64 @@ class LiveTensorBytes(torch.utils._python_dispatch.TorchDispatchMode):
     recorded shapes, strides and dtypes instead of running its (Python) meta function again: the same storages of the
     same sizes, counted and freed as before."""
 
-    def __init__(self, replay: bool = True):
+    def __init__(self, replay: bool | None = None):
         super().__init__()
         self.live = self.peak = 0
-        self.seen = set()
-        self.replay = replay
-
-    def _free(self, n, key):
-        self.live -= n
-        self.seen.discard(key)
+        self.refs = {}  # id of each live storage counted -> a weak reference whose callback uncounts it
+        self.replay = REPLAY if replay is None else replay
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        key = _signature(func, args, kwargs) if self.replay else None
+        replayable, new, several = _OPS.get(func) or _OPS.setdefault(func, _op_kind(func))
+        key = _signature(func, args, kwargs) if replayable and self.replay else None
         outs = _META_OPS.get(key) if key is not None else None
         if outs:
-            out = tuple(torch.empty_strided(shape, stride, dtype=dtype, device="meta") for shape, stride, dtype in outs)
-            out = out if len(func._schema.returns) > 1 else out[0]
+            out = tuple([torch.empty_strided(shape, stride, dtype=dtype, device="meta") for shape, stride, dtype in outs])
+            out = out if several else out[0]
         else:
-            out = func(*args, **kwargs)
+            out = func(*args, **(kwargs or {}))
             if key is not None and outs is None:
                 _META_OPS[key] = _replayable(args, kwargs, out)
-        outs = out if isinstance(out, (tuple, list)) else (out,)
-        for ret, o in zip(func._schema.returns, outs):
-            if isinstance(o, torch.Tensor) and ret.alias_info is None:
+        for fresh, o in zip(new, out if isinstance(out, (tuple, list)) else (out,)):
+            if fresh and isinstance(o, torch.Tensor):
                 storage = o.untyped_storage()
-                if id(storage) in self.seen:
+                name = id(storage)
+                if name in self.refs:
                     continue
                 n = storage.nbytes()
-                self.seen.add(id(storage))
                 self.live += n
-                self.peak = max(self.peak, self.live)
-                weakref.finalize(storage, self._free, n, id(storage))
+                if self.live > self.peak:
+                    self.peak = self.live
+                self.refs[name] = weakref.ref(storage, functools.partial(self._free, n, name))
         return out
 
+    def _free(self, n, name, _):
+        self.live -= n
+        del self.refs[name]
 
+
+REPLAY = True  # replay meta ops by signature (`_META_OPS`); tests compare against False
 # Meta ops replayed by signature: (op, the arguments with each tensor as its shape, stride, offset, dtype) -> the
 # outputs' (shape, stride, dtype), or False where they are not plain new storages (an alias of an input, an offset,
 # a list). The UNet repeats the same ops on the same shapes (identical blocks, ControlNets shaped like its down path),
 # and the traces of one plan share most of them. Per process; a meta function depends on nothing else.
 _META_OPS: dict = {}
-_FUNCTIONAL: dict = {}  # op -> whether it returns only new tensors (no alias, no list, no optional)
+_OPS: dict = {}  # op -> (replayable: returns only new tensors, which returns are new storages, several returns)
 
 
-def _functional(func) -> bool:
-    if func not in _FUNCTIONAL:
-        returns = func._schema.returns
-        _FUNCTIONAL[func] = bool(returns) and all(
-            r.alias_info is None and isinstance(r.type, torch._C.TensorType) for r in returns)
-    return _FUNCTIONAL[func]
+def _op_kind(func) -> tuple:
+    returns = func._schema.returns
+    new = tuple(r.alias_info is None for r in returns)
+    replayable = bool(returns) and all(new) and all(isinstance(r.type, torch._C.TensorType) for r in returns)
+    return replayable, new, len(returns) > 1
 
 
 def _signature(func, args, kwargs):
-    """The replay key of an op call, or None (not functional, or a tensor off the meta device)."""
-    if not _functional(func):
-        return None
+    """The replay key of an op call, or None where a tensor is off the meta device or an argument is unhashable."""
     try:
-        return func, _described(args), _described(tuple(kwargs.items()))
-    except _NotMeta:
+        key = func, _described(args), _described(tuple(kwargs.items())) if kwargs else ()
+        hash(key)
+        return key
+    except (_NotMeta, TypeError):
         return None
 
 
@@ -180,13 +181,16 @@ class _NotMeta(Exception):
 
 
 def _described(value):
-    if isinstance(value, torch.Tensor):
-        if not value.is_meta or type(value) is not torch.Tensor and type(value) is not torch.nn.Parameter:
+    kind = type(value)
+    if kind is torch.Tensor or kind is torch.nn.Parameter:
+        if not value.is_meta:
             raise _NotMeta
         return value.shape, value.stride(), value.storage_offset(), value.dtype
-    if isinstance(value, (tuple, list)):
-        return type(value), tuple(_described(v) for v in value)
-    return type(value), value  # the type too: 1 == 1.0 == True, but they promote differently
+    if kind is tuple or kind is list:
+        return kind, tuple([_described(v) for v in value])
+    if isinstance(value, torch.Tensor):  # a subclass
+        raise _NotMeta
+    return kind, value  # the type too: 1 == 1.0 == True, but they promote differently
 
 
 def _replayable(args, kwargs, out):
@@ -226,10 +230,14 @@ def _meta_model(cls, config_key: str, dtype: torch.dtype, motion: bool = True):
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # from_config's notes on dtypes: these copies have no weights to keep in float32
     try:
+        collecting = gc.isenabled()
+        gc.disable()  # ~1500 modules: the collector would walk every object of the process (most of the time here)
         with torch.device("meta"), no_init_weights():  # meta tensors hold no values to initialise
             model = cls.from_config(config).to(dtype).eval()
     finally:
         logging.set_verbosity(verbosity)
+        if collecting:
+            gc.enable()
     if not motion:  # the editing branch runs the UNet without its motion modules
         for block in [*model.down_blocks, *model.up_blocks, model.mid_block]:
             if hasattr(block, "motion_modules"):
