@@ -17,6 +17,7 @@ import ctypes
 import functools
 import gc
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -126,12 +127,14 @@ class LiveTensorBytes(torch.utils._python_dispatch.TorchDispatchMode):
         key = _signature(func, args, kwargs) if replayable and self.replay else None
         outs = _META_OPS.get(key) if key is not None else None
         if outs:
-            out = tuple([torch.empty_strided(shape, stride, dtype=dtype, device="meta") for shape, stride, dtype in outs])
+            out = tuple([_rebuilt(entry, args, kwargs) for entry in outs])
             out = out if several else out[0]
         else:
             out = func(*args, **(kwargs or {}))
             if key is not None and outs is None:
                 _META_OPS[key] = _replayable(args, kwargs, out)
+                if not _META_OPS[key]:  # not worth a key again
+                    _OPS[func] = (False, new, several)
         for fresh, o in zip(new, out if isinstance(out, (tuple, list)) else (out,)):
             if fresh and isinstance(o, torch.Tensor):
                 storage = o.untyped_storage()
@@ -152,8 +155,8 @@ class LiveTensorBytes(torch.utils._python_dispatch.TorchDispatchMode):
 
 REPLAY = True  # replay meta ops by signature (`_META_OPS`); tests compare against False
 # Meta ops replayed by signature: (op, the arguments with each tensor as its shape, stride, offset, dtype) -> the
-# outputs' (shape, stride, dtype), or False where they are not plain new storages (an alias of an input, an offset,
-# a list). The UNet repeats the same ops on the same shapes (identical blocks, ControlNets shaped like its down path),
+# outputs' (shape, stride, dtype[, input whose storage it is, offset]), or False where `_rebuilt` would not give
+# the same. The UNet repeats the same ops on the same shapes (identical blocks, ControlNets shaped like its down path),
 # and the traces of one plan share most of them. Per process; a meta function depends on nothing else.
 _META_OPS: dict = {}
 _OPS: dict = {}  # op -> (replayable: returns only new tensors, which returns are new storages, several returns)
@@ -169,7 +172,7 @@ def _op_kind(func) -> tuple:
 def _signature(func, args, kwargs):
     """The replay key of an op call, or None where a tensor is off the meta device or an argument is unhashable."""
     try:
-        key = func, _described(args), _described(tuple(kwargs.items())) if kwargs else ()
+        key = func, tuple([_described(a) for a in args]), _described(tuple(kwargs.items())) if kwargs else ()
         hash(key)
         return key
     except (_NotMeta, TypeError):
@@ -193,24 +196,49 @@ def _described(value):
     return kind, value  # the type too: 1 == 1.0 == True, but they promote differently
 
 
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _tensors(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+
+
 def _replayable(args, kwargs, out):
-    """The outputs' (shape, stride, dtype) if empty tensors of them are what the op returned, else False."""
+    """How to rebuild the op's outputs from its inputs (`_rebuilt`), if what that builds is what it returned (same
+    shape, strides, offset, dtype, storage: a new one of the same size or the same input's), else False."""
     outs = out if isinstance(out, tuple) else (out,)
-    inputs = {id(t.untyped_storage()) for t in torch.utils._pytree.tree_leaves((args, kwargs))
-              if isinstance(t, torch.Tensor)}
+    inputs = {id(t.untyped_storage()): i for i, t in enumerate(_tensors((args, kwargs)))}
     recorded, storages = [], set()
     for o in outs:
-        if type(o) is not torch.Tensor or not o.is_meta or o.storage_offset() or o.is_conj() or o.is_neg():
+        if type(o) is not torch.Tensor or not o.is_meta or o.is_conj() or o.is_neg() or o.layout != torch.strided:
             return False
         storage = id(o.untyped_storage())
-        if storage in inputs or storage in storages:
+        if storage in storages:
             return False
         storages.add(storage)
-        elements = 0 if 0 in o.shape else 1 + sum((n - 1) * s for n, s in zip(o.shape, o.stride()))
-        if o.untyped_storage().nbytes() != elements * o.element_size() or o.layout != torch.strided:
+        entry = (o.shape, o.stride(), o.dtype) + ((inputs[storage], o.storage_offset()) if storage in inputs else ())
+        again = _rebuilt(entry, args, kwargs)
+        same = (again.shape, again.stride(), again.storage_offset(), again.dtype, again._is_view()) == (
+            o.shape, o.stride(), o.storage_offset(), o.dtype, o._is_view())
+        if not same or again.untyped_storage().nbytes() != o.untyped_storage().nbytes() or (
+                storage in inputs and id(again.untyped_storage()) != storage):
             return False
-        recorded.append((o.shape, o.stride(), o.dtype))
+        recorded.append(entry)
     return tuple(recorded)
+
+
+def _rebuilt(entry, args, kwargs):
+    """An op's output again: a new empty tensor, or (`_unsafe_view`) one on the storage of input tensor `i`."""
+    shape, stride, dtype, *alias = entry
+    if not alias:
+        return torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+    i, offset = alias
+    source = next(itertools.islice(_tensors((args, kwargs)), i, None))
+    return torch.empty(0, dtype=dtype, device="meta").set_(source.untyped_storage(), offset, shape, stride)
 
 
 _CONFIG_KEYS = weakref.WeakKeyDictionary()  # a model's configuration as text, made once (a plan asks ~100 times)
