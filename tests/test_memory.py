@@ -192,9 +192,11 @@ def test_cli_max_vram(capsys):
 
 
 def test_fast_cold_trace_equals_the_plain_trace_byte_for_byte(tiny_pipe, monkeypatch):
-    """The cold plan's speed-ups (meta ops replayed by signature; one trace for both attentions and every feed-forward
-    chunk, the kernels side by side) against the plain trace: each variant alone, every meta op run."""
+    """The cold plan's speed-ups (meta ops and attention stand-ins replayed by signature; one trace for both attentions
+    and every feed-forward chunk, the kernels side by side) against the plain trace: each variant alone, every meta op
+    run."""
     monkeypatch.setattr(memory, "_META_OPS", {})  # a cold process
+    monkeypatch.setattr(memory, "_KERNELS", {})
     nets = [memory.meta_copy(n) for n in tiny_pipe.controlnets]
     unet, edit_unet = memory.meta_copy(tiny_pipe.unet), memory.meta_copy(tiny_pipe.unet, motion=False)
     variants = [(True, None), (True, 7), (False, 256)]  # 7: not a divisor of any token count
@@ -209,6 +211,7 @@ def test_fast_cold_trace_equals_the_plain_trace_byte_for_byte(tiny_pipe, monkeyp
         assert fast[0] == fast[1] == expected
         assert len(set(expected.values())) == len(variants)  # the variants differ: one trace answers for each
     assert sum(bool(outs) for outs in memory._META_OPS.values()) > 100  # ops were replayed, not run
+    assert sum(bool(done) for done in memory._KERNELS.values()) > 4  # and attention stand-ins
     vae = memory.meta_copy(tiny_pipe.vae)
     for size, frames, memeff, encode in ((64, 3, False, False), (32, 2, True, True), (64, 1, True, False)):
         fast = [memory._vae_trace(vae, size, size, frames, memeff, encode) for _ in range(2)]
