@@ -132,6 +132,8 @@ class LiveTensorBytes(torch.utils._python_dispatch.TorchDispatchMode):
         else:
             out = func(*args, **(kwargs or {}))
             if key is not None and outs is None:
+                if len(_META_OPS) > 500_000:  # a long-lived process that planned hundreds of sizes: start again
+                    _META_OPS.clear()
                 _META_OPS[key] = _replayable(args, kwargs, out)
                 if not _META_OPS[key]:  # not worth a key again
                     _OPS[func] = (False, new, several)
