@@ -884,13 +884,13 @@ def estimate_memory(pipe, height, width, context_length=16, batch_cfg=True, guid
     return parts
 
 
-def stage_weights(pipe, placement: str = "all") -> dict:
+def stage_weights(pipe, placement: str = "all", models: dict | None = None) -> dict:
     """Bytes of the weights on the accelerator during each stage: "text", "vae", and for "window" and "edit window"
-    a pair (while the ControlNets run, while the UNet runs)."""
+    a pair (while the ControlNets run, while the UNet runs). `models`: each placed model's `weight_bytes`, if known."""
     if placement == "all":
         every = resident_weights(pipe)
         return {"text": every, "window": (every, every), "edit window": (every, every), "vae": every}
-    models = {name: weight_bytes(m) for name, m in placed_models(pipe).items()}
+    models = models or {name: weight_bytes(m) for name, m in placed_models(pipe).items()}
     unet, stages = models["unet"], {}
     for stage, branch in (("window", "controlnet"), ("edit window", "edit_")):
         nets = [size for n, size in models.items() if n.startswith(branch)] or [0]
@@ -978,7 +978,8 @@ def plan_memory(pipe, height, width, context_length=16, batch_cfg=True, guidance
         ((True, ff, serial, reuse, place) for ff in chunks for serial in serials for reuse in reuses for place in where),
         key=_cost)
 
-    weights = {place: stage_weights(pipe, place) for place in where}  # once: the estimates below only add them up
+    sizes = {name: weight_bytes(m) for name, m in placed_models(pipe).items()}  # each model's, once
+    weights = {place: stage_weights(pipe, place, sizes) for place in where}  # once: the estimates only add them up
 
     def settings(option):
         memeff, ff, serial, reuse, place = option
