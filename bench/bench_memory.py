@@ -107,7 +107,7 @@ def size_budget_table():
             lines.append(f"| {size}x{size} | {budget} | {', '.join(plan.enabled) or '-'} | {plan.estimate / GB:.1f} | "
                          f"{p['weights'] / GB:.1f} + {p['window'] / GB:.1f} | {p['decode'] / GB:.1f} | "
                          f"{moved / GB:.1f} ({moved_s:.2f}) | {kernels * (1 + moved_s / compute_s):.2f} | "
-                         f"{cold:.1f} / {warm:.2f} |")
+                         f"{cold:.2f} / {warm:.2f} |")
             print(f"plan: {plan}", flush=True)
     return "\n".join(lines)
 
