@@ -13,15 +13,23 @@
    matmuls). A CPU's ratios are not a GPU's: bench_gpu.py measures them there.
 3. The estimate (meta device, stand-in kernels) against the bytes the same calls allocate for real on the CPU
    (live tensor storages, counted by a TorchDispatchMode), tiny and mid-size models.
+4. `--cold [ROOT ...]`: a cold plan for each goal, each in a new process with an empty estimate cache (the import
+   timed apart; the meta copies' construction and every trace included, the loaded models' not), and one window
+   trace; for this checkout and each ROOT (another checkout, e.g. main, as the baseline), interleaved, median of
+   `--repeats`.
 
     python bench/bench_memory.py                  # all three, ~2-4 min on a busy 2-core CPU
     python bench/bench_memory.py --skip-timing    # tables 1 and 3 only
+    python bench/bench_memory.py --cold /work/main --repeats 3   # table 4 only, against another checkout
 """
 
 import argparse
 import os
 import re
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from types import SimpleNamespace
 
@@ -99,7 +107,7 @@ def size_budget_table():
             lines.append(f"| {size}x{size} | {budget} | {', '.join(plan.enabled) or '-'} | {plan.estimate / GB:.1f} | "
                          f"{p['weights'] / GB:.1f} + {p['window'] / GB:.1f} | {p['decode'] / GB:.1f} | "
                          f"{moved / GB:.1f} ({moved_s:.2f}) | {kernels * (1 + moved_s / compute_s):.2f} | "
-                         f"{cold:.1f} / {warm:.2f} |")
+                         f"{cold:.2f} / {warm:.2f} |")
             print(f"plan: {plan}", flush=True)
     return "\n".join(lines)
 
@@ -175,12 +183,72 @@ def build_mid(narrow):
     return unet, [ControlNetModel(**net_cfg).eval()]
 
 
+# One cold measurement in a new process: python -c COLD ROOT SIZE BUDGET (a plan) or ROOT SIZE trace (one window
+# trace: 16 frames x 1 branch, memory-efficient attention, on fresh meta copies). Prints: import s, seconds, bytes.
+COLD = """
+import os, sys, time
+root, size, what = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+sys.path[:0] = [os.path.join(root, "bench"), root]
+start = time.perf_counter()
+import bench_memory
+from diffutoon import memory
+from pipeline_diffutoon import per_frame_motion_groupnorm
+imported = time.perf_counter() - start
+pipe = bench_memory.meta_pipeline()  # the loaded models: not timed
+start = time.perf_counter()
+if what == "trace":
+    unet, nets = memory.meta_copy(pipe.unet), [memory.meta_copy(n) for n in pipe.controlnets]
+    start = time.perf_counter()
+    result = memory.window_phases(unet, nets, size, size, 16, 1, True, None, per_frame_motion_groupnorm)
+else:
+    result = memory.plan_memory(pipe, size, size, memory_budget=what, motion_context=per_frame_motion_groupnorm).estimate
+print(imported, time.perf_counter() - start, result)
+"""
+
+
+def cold_planning(roots, repeats=3):
+    """Seconds of a cold plan per goal (and of one window trace) for each checkout in `roots`, new processes."""
+    runs = [(size, budget) for size, budget in GOALS] + [(1024, "trace")]
+    times = {(run, root): [] for run in runs for root in roots}
+    results, imports = {}, {root: [] for root in roots}
+    for _ in range(repeats):
+        for run in runs:
+            for root in roots:  # interleaved: the machine's load changes alike for each
+                with tempfile.TemporaryDirectory() as cache:
+                    env = dict(os.environ, DIFFUTOON_CACHE=cache, PYTHONPATH=root, OMP_NUM_THREADS="1",
+                               TRANSFORMERS_VERBOSITY="error")
+                    out = subprocess.run([sys.executable, "-c", COLD, root, str(run[0]), run[1]], env=env, cwd=root,
+                                         capture_output=True, text=True, check=True).stdout.split()
+                imports[root].append(float(out[0]))
+                times[run, root].append(float(out[1]))
+                results.setdefault(run, {})[root] = " ".join(out[2:])
+    lines = [f"| size | budget | {' | '.join(f'{r} cold s' for r in roots)} |"
+             f"{''.join(f' {roots[0]} vs {r} |' for r in roots[1:])} same estimate |",
+             "|---" * (3 + 2 * len(roots) - 1) + "|"]
+    for run in runs:
+        medians = [statistics.median(times[run, root]) for root in roots]
+        label = ("one window trace", "16 frames x 1 branch") if run[1] == "trace" else (f"{run[0]}x{run[0]}", run[1])
+        lines.append(f"| {label[0]} | {label[1]} | {' | '.join(f'{m:.2f}' for m in medians)} |"
+                     f"{''.join(f' {medians[0] / m:.2f} |' for m in medians[1:])} "
+                     f"{'yes' if len(set(results[run].values())) == 1 else results[run]} |")
+        print(lines[-1], flush=True)
+    return (f"median of {repeats}, each in a new process on an empty cache; import (not included): "
+            + ", ".join(f"{r} {statistics.median(imports[r]):.1f} s" for r in roots) + "\n\n" + "\n".join(lines))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--check-rows", type=int, default=4, help="rows of table 3 (2: the tiny models only)")
+    parser.add_argument("--cold", nargs="*", metavar="ROOT", help="table 4 only: cold planning time, this checkout "
+                        "and each ROOT (another checkout, the baseline)")
+    parser.add_argument("--repeats", type=int, default=3, help="table 4: new processes per goal and checkout")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    if args.cold is not None:
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        print("4. Cold planning time:\n\n" + cold_planning([here, *args.cold], args.repeats), flush=True)
+        return
     print("1. Size x budget, fp16, windows of 16 (estimated):\n\n" + size_budget_table() + "\n", flush=True)
     if not args.skip_timing:
         print("2. Time cost of the savings (measured):\n\n" + timing_table() + "\n", flush=True)

@@ -15,7 +15,9 @@ from __future__ import annotations
 import collections
 import ctypes
 import functools
+import gc
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 from diffusers.models.attention import FeedForward
+from diffusers.models.modeling_utils import no_init_weights
 from diffusers.utils import logging
 
 GB = 1e9
@@ -107,31 +110,137 @@ def forward_chunk_size(module: torch.nn.Module) -> int | None:
 
 
 class LiveTensorBytes(torch.utils._python_dispatch.TorchDispatchMode):
-    """Peak of the bytes held by live tensor storages created inside the mode (views and in-place ops are free)."""
+    """Peak of the bytes held by live tensor storages created inside the mode (views and in-place ops are free).
 
-    def __init__(self):
+    `replay`: a functional op on meta tensors whose signature was seen before (`_META_OPS`) gets empty outputs of the
+    recorded shapes, strides and dtypes instead of running its (Python) meta function again: the same storages of the
+    same sizes, counted and freed as before."""
+
+    def __init__(self, replay: bool | None = None):
         super().__init__()
         self.live = self.peak = 0
-        self.seen = set()
-
-    def _free(self, n, key):
-        self.live -= n
-        self.seen.discard(key)
+        self.refs = {}  # id of each live storage counted -> a weak reference whose callback uncounts it
+        self.replay = REPLAY if replay is None else replay
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        outs = out if isinstance(out, (tuple, list)) else (out,)
-        for ret, o in zip(func._schema.returns, outs):
-            if isinstance(o, torch.Tensor) and ret.alias_info is None:
+        replayable, new, several = _OPS.get(func) or _OPS.setdefault(func, _op_kind(func))
+        key = _signature(func, args, kwargs) if replayable and self.replay else None
+        outs = _META_OPS.get(key) if key is not None else None
+        if outs:
+            out = tuple([_rebuilt(entry, args, kwargs) for entry in outs])
+            out = out if several else out[0]
+        else:
+            out = func(*args, **(kwargs or {}))
+            if key is not None and outs is None:
+                if len(_META_OPS) > 500_000:  # a long-lived process that planned hundreds of sizes: start again
+                    _META_OPS.clear()
+                _META_OPS[key] = _replayable(args, kwargs, out)
+                if not _META_OPS[key]:  # not worth a key again
+                    _OPS[func] = (False, new, several)
+        for fresh, o in zip(new, out if isinstance(out, (tuple, list)) else (out,)):
+            if fresh and isinstance(o, torch.Tensor):
                 storage = o.untyped_storage()
-                if id(storage) in self.seen:
+                name = id(storage)
+                if name in self.refs:
                     continue
                 n = storage.nbytes()
-                self.seen.add(id(storage))
                 self.live += n
-                self.peak = max(self.peak, self.live)
-                weakref.finalize(storage, self._free, n, id(storage))
+                if self.live > self.peak:
+                    self.peak = self.live
+                self.refs[name] = weakref.ref(storage, functools.partial(self._free, n, name))
         return out
+
+    def _free(self, n, name, _):
+        self.live -= n
+        del self.refs[name]
+
+
+REPLAY = True  # replay meta ops by signature (`_META_OPS`); tests compare against False
+# Meta ops replayed by signature: (op, the arguments with each tensor as its shape, stride, offset, dtype) -> the
+# outputs' (shape, stride, dtype[, input whose storage it is, offset]), or False where `_rebuilt` would not give
+# the same. The UNet repeats the same ops on the same shapes (identical blocks, ControlNets shaped like its down path),
+# and the traces of one plan share most of them. Per process; a meta function depends on nothing else.
+_META_OPS: dict = {}
+_OPS: dict = {}  # op -> (replayable: returns only new tensors, which returns are new storages, several returns)
+
+
+def _op_kind(func) -> tuple:
+    returns = func._schema.returns
+    new = tuple(r.alias_info is None for r in returns)
+    replayable = bool(returns) and all(new) and all(isinstance(r.type, torch._C.TensorType) for r in returns)
+    return replayable, new, len(returns) > 1
+
+
+def _signature(func, args, kwargs):
+    """The replay key of an op call, or None where a tensor is off the meta device or an argument is unhashable."""
+    try:
+        key = func, tuple([_described(a) for a in args]), _described(tuple(kwargs.items())) if kwargs else ()
+        hash(key)
+        return key
+    except (_NotMeta, TypeError):
+        return None
+
+
+class _NotMeta(Exception):
+    pass
+
+
+def _described(value):
+    kind = type(value)
+    if kind is torch.Tensor or kind is torch.nn.Parameter:
+        if not value.is_meta:
+            raise _NotMeta
+        return value.shape, value.stride(), value.storage_offset(), value.dtype
+    if kind is tuple or kind is list:
+        return kind, tuple([_described(v) for v in value])
+    if isinstance(value, torch.Tensor):  # a subclass
+        raise _NotMeta
+    return kind, value  # the type too: 1 == 1.0 == True, but they promote differently
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _tensors(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+
+
+def _replayable(args, kwargs, out):
+    """How to rebuild the op's outputs from its inputs (`_rebuilt`), if what that builds is what it returned (same
+    shape, strides, offset, dtype, storage: a new one of the same size or the same input's), else False."""
+    outs = out if isinstance(out, tuple) else (out,)
+    inputs = {id(t.untyped_storage()): i for i, t in enumerate(_tensors((args, kwargs)))}
+    recorded, storages = [], set()
+    for o in outs:
+        if type(o) is not torch.Tensor or not o.is_meta or o.is_conj() or o.is_neg() or o.layout != torch.strided:
+            return False
+        storage = id(o.untyped_storage())
+        if storage in storages:
+            return False
+        storages.add(storage)
+        entry = (o.shape, o.stride(), o.dtype) + ((inputs[storage], o.storage_offset()) if storage in inputs else ())
+        again = _rebuilt(entry, args, kwargs)
+        same = (again.shape, again.stride(), again.storage_offset(), again.dtype, again._is_view()) == (
+            o.shape, o.stride(), o.storage_offset(), o.dtype, o._is_view())
+        if not same or again.untyped_storage().nbytes() != o.untyped_storage().nbytes() or (
+                storage in inputs and id(again.untyped_storage()) != storage):
+            return False
+        recorded.append(entry)
+    return tuple(recorded)
+
+
+def _rebuilt(entry, args, kwargs):
+    """An op's output again: a new empty tensor, or (`_unsafe_view`) one on the storage of input tensor `i`."""
+    shape, stride, dtype, *alias = entry
+    if not alias:
+        return torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+    i, offset = alias
+    source = next(itertools.islice(_tensors((args, kwargs)), i, None))
+    return torch.empty(0, dtype=dtype, device="meta").set_(source.untyped_storage(), offset, shape, stride)
 
 
 _CONFIG_KEYS = weakref.WeakKeyDictionary()  # a model's configuration as text, made once (a plan asks ~100 times)
@@ -151,10 +260,14 @@ def _meta_model(cls, config_key: str, dtype: torch.dtype, motion: bool = True):
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # from_config's notes on dtypes: these copies have no weights to keep in float32
     try:
-        with torch.device("meta"):
+        collecting = gc.isenabled()
+        gc.disable()  # ~1500 modules: the collector would walk every object of the process (most of the time here)
+        with torch.device("meta"), no_init_weights():  # meta tensors hold no values to initialise
             model = cls.from_config(config).to(dtype).eval()
     finally:
         logging.set_verbosity(verbosity)
+        if collecting:
+            gc.enable()
     if not motion:  # the editing branch runs the UNet without its motion modules
         for block in [*model.down_blocks, *model.up_blocks, model.mid_block]:
             if hasattr(block, "motion_modules"):
@@ -177,46 +290,147 @@ class _Identity(torch.nn.Module):
 
 
 @contextmanager
-def _meta_kernels(memory_efficient: bool, ff_chunk: int | None, joint_frames: int | None = None):
+def _meta_kernels(memory_efficient: bool, ff_chunk: int | None, joint_frames: int | None = None, variants=None,
+                  mem=None):
     """Attention and feed-forward as the accelerator runs them, without their cost on meta tensors.
 
     Attention: a flash / memory-efficient kernel allocates its output only; the plain path the score matrix and
     its softmax. `joint_frames`: the editing branch's cross-frame attention (self-attention over all frames of a
     group: q, k, v copied into one sequence). Feed-forward in chunks: the outputs of all chunks but the last, one
-    chunk's intermediates, then the concatenation, in a fixed number of meta ops whatever the chunk count."""
+    chunk's intermediates, then the concatenation, in a fixed number of meta ops whatever the chunk count.
+    `variants` (several (memory_efficient, ff_chunk), with `mem` the trace's meter): every variant's kernels in one
+    trace (`_Alternatives`, yielded); else None."""
     sdpa, ff_forward = torch.nn.functional.scaled_dot_product_attention, FeedForward.forward
 
-    def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
-        shape = q.shape
-        joint = joint_frames and q.shape[-2] == k.shape[-2] and q.shape[0] % joint_frames == 0
-        if joint:  # (G F, H, N, D) -> (G, H, F N, D): a copy of each
-            q, k, v = (t.reshape(-1, joint_frames, *t.shape[1:]).transpose(1, 2).reshape(
-                t.shape[0] // joint_frames, t.shape[1], -1, t.shape[-1]) for t in (q, k, v))
-        if memory_efficient:
-            out = q.new_empty(q.shape[:-1] + v.shape[-1:])
-        else:
-            out = torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
-        if joint:
-            out = out.reshape(-1, shape[1], joint_frames, shape[2], out.shape[-1]).transpose(1, 2).reshape(
-                *shape[:-1], out.shape[-1])
-        return out
+    def attention_for(memory_efficient):
+        def attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+            shape = q.shape
+            joint = joint_frames and q.shape[-2] == k.shape[-2] and q.shape[0] % joint_frames == 0
+            if joint:  # (G F, H, N, D) -> (G, H, F N, D): a copy of each
+                q, k, v = (t.reshape(-1, joint_frames, *t.shape[1:]).transpose(1, 2).reshape(
+                    t.shape[0] // joint_frames, t.shape[1], -1, t.shape[-1]) for t in (q, k, v))
+            if memory_efficient:
+                out = q.new_empty(q.shape[:-1] + v.shape[-1:])
+            else:
+                out = torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
+            if joint:
+                out = out.reshape(-1, shape[1], joint_frames, shape[2], out.shape[-1]).transpose(1, 2).reshape(
+                    *shape[:-1], out.shape[-1])
+            return out
+        return attention
 
-    def chunked(self, hidden_states, *args, **kwargs):
-        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
-        if not ff_chunk or flat.shape[0] <= ff_chunk:
-            return ff_forward(self, hidden_states)
-        done = flat.new_empty(flat.shape[0] - ff_chunk, self.net[-1].out_features)  # the chunks' outputs so far
-        last = ff_forward(self, flat[:ff_chunk])
-        out = torch.cat([done, last])
-        del done, last
-        return out.reshape(*hidden_states.shape[:-1], out.shape[-1])
+    def chunked_for(ff_chunk):
+        def chunked(self, hidden_states, *args, **kwargs):
+            flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+            if not ff_chunk or flat.shape[0] <= ff_chunk:
+                return ff_forward(self, hidden_states)
+            done = flat.new_empty(flat.shape[0] - ff_chunk, self.net[-1].out_features)  # the chunks' outputs so far
+            last = ff_forward(self, flat[:ff_chunk])
+            out = torch.cat([done, last])
+            del done, last
+            return out.reshape(*hidden_states.shape[:-1], out.shape[-1])
+        return chunked
+
+    def remembered(kernel, tag):
+        """The attention stand-in by its inputs' signature: its peak above the live bytes at the call and its output
+        (new, checked), which is all it does to the meter (the same ops on the same shapes; it reads nothing else)."""
+        if mem is None or not mem.replay:
+            return kernel
+
+        def attention(q, k, v, *args, **kwargs):
+            try:
+                key = (tag, joint_frames, _described(q), _described(k), _described(v))
+            except _NotMeta:
+                return kernel(q, k, v, *args, **kwargs)
+            done, live, peak = _KERNELS.get(key), mem.live, mem.peak
+            if done:
+                (shape, stride, dtype), above = done
+                out = q.new_empty_strided(shape, stride, dtype=dtype)  # counted as the kernel's output was
+                mem.peak = max(mem.peak, live + above)
+                return out
+            mem.peak = live
+            out = kernel(q, k, v, *args, **kwargs)
+            if done is None:
+                rebuilt = _replayable((q, k, v), {}, out)
+                fresh = rebuilt and len(rebuilt[0]) == 3 and mem.live - live == out.untyped_storage().nbytes()
+                _KERNELS[key] = (rebuilt[0], mem.peak - live) if fresh else False
+            mem.peak = max(peak, mem.peak)
+            return out
+        return attention
+
+    alternatives = None
+    if variants is None or len(variants) == 1:
+        memory_efficient, ff_chunk = variants[0] if variants else (memory_efficient, ff_chunk)
+        attention, chunked = remembered(attention_for(memory_efficient), memory_efficient), chunked_for(ff_chunk)
+    else:
+        alternatives = _Alternatives(mem, variants)
+        attentions = {m: (remembered(attention_for(m), m), [v for v in variants if v[0] == m]) for m, _ in variants}
+        chunks = {ff: chunked_for(ff) for _, ff in variants}
+
+        def attention(*args, **kwargs):
+            return alternatives.run(attentions.values(), *args, **kwargs)
+
+        def chunked(self, hidden_states, *args, **kwargs):
+            tokens = hidden_states.numel() // hidden_states.shape[-1]
+            same = {}  # variants by the chunk that changes anything here
+            for v in variants:
+                same.setdefault(v[1] if v[1] and tokens > v[1] else None, []).append(v)
+            return alternatives.run([(chunks[ff], vs) for ff, vs in same.items()], self, hidden_states)
 
     torch.nn.functional.scaled_dot_product_attention = attention
     FeedForward.forward = chunked
     try:
-        yield
+        yield alternatives
     finally:
         torch.nn.functional.scaled_dot_product_attention, FeedForward.forward = sdpa, ff_forward
+
+
+_KERNELS: dict = {}  # the attention stand-in by (variant, inputs): (its output, its peak above the live bytes)
+
+
+class _NotShared(Exception):
+    """Variants that one trace cannot serve exactly: each is traced alone."""
+
+
+class _Alternatives:
+    """Several variants of the stand-in kernels in one trace. At each kernel call every variant's kernel runs on the
+    same inputs in turn, from the same live bytes (the previous one's output freed first): the peak each reaches is
+    kept per variant (`peaks`), the trace's meter sees none of them, and the last one's output goes on. Exact when
+    every variant's kernel leaves the same thing behind (one new output, same shape, strides, dtype, bytes), checked
+    at each call: then the live bytes outside the kernels are the same for every variant, and a variant's peak is the
+    larger of the meter's and its kernels'."""
+
+    def __init__(self, mem, variants):
+        self.mem, self.peaks, self.running = mem, dict.fromkeys(variants, 0), False
+
+    def run(self, kernels, *args, **kwargs):
+        mem = self.mem
+        if self.running:
+            raise _NotShared("nested kernels")
+        self.running, peak, live, left = True, mem.peak, mem.live, None
+        out = None
+        for kernel, variants in kernels:
+            out = None  # the previous variant's output
+            if mem.live != live:
+                raise _NotShared("a kernel left more than its output")
+            mem.peak = live
+            out = kernel(*args, **kwargs)
+            nbytes = out.untyped_storage().nbytes()
+            described = (out.shape, out.stride(), out.storage_offset(), out.dtype, nbytes)
+            if mem.live - live != nbytes or left not in (None, described):
+                raise _NotShared("the variants' kernels leave different outputs")
+            left = described
+            for v in variants:
+                self.peaks[v] = max(self.peaks[v], mem.peak)
+        mem.peak, self.running = peak, False
+        return out
+
+    def phase(self) -> dict:
+        """Each variant's peak so far (the meter's and its kernels'); the next phase starts from the live bytes."""
+        peaks = {v: max(self.mem.peak, p) for v, p in self.peaks.items()}
+        self.peaks = dict.fromkeys(self.peaks, 0)
+        self.mem.peak = self.mem.live
+        return peaks
 
 
 _PEAKS: dict = {}  # traced peaks by (configs, shapes, switches): a plan re-asks the same questions
@@ -248,13 +462,21 @@ def _disk() -> dict:
         return {}
 
 
+def _disk_name(key) -> str:
+    return hashlib.sha1(repr((_code_version(), key)).encode()).hexdigest()
+
+
 def _cached(key, compute):
+    """`key`'s value: in memory, on disk, or `compute()`d (a value, or a dict of values by key that includes `key`'s:
+    one trace may answer several keys)."""
     if key not in _PEAKS:
-        name = hashlib.sha1(repr((_code_version(), key)).encode()).hexdigest()
-        value = _disk().get(name)
+        value = _disk().get(_disk_name(key))
         if value is None:
-            value = _disk()[name] = compute()
+            values = compute()
+            values = values if isinstance(values, dict) else {key: values}
+            _disk().update({_disk_name(k): v for k, v in values.items()})
             _save(_disk())
+            value = values[key]
         _PEAKS[key] = tuple(value) if isinstance(value, list) else value
     return _PEAKS[key]
 
@@ -314,15 +536,28 @@ def cached_frame_bytes(unet, nets, height: int, width: int, vae_scale_factor: in
 
 def _traced_window(unet, nets, height, width, frames, branches, memory_efficient, ff_chunk, motion_context,
                    vae_scale_factor, text_tokens, joint_frames, motion):
-    """`window_phases` on meta copies, cached."""
-    if ff_chunk and ff_chunk >= branches * frames * (height // vae_scale_factor) * (width // vae_scale_factor):
-        ff_chunk = None  # no feed-forward sees more tokens than the first level's: the chunking changes nothing
-    key = ("window", _config_key(unet), tuple(_config_key(n) for n in nets), height, width, frames, branches,
-           memory_efficient, ff_chunk, getattr(motion_context, "__name__", None), vae_scale_factor,
-           text_tokens, joint_frames, motion, _dtype(unet))
-    return _cached(key, lambda: window_phases(
-        meta_copy(unet, motion=motion), [meta_copy(n) for n in nets], height, width, frames, branches,
-        memory_efficient, ff_chunk, motion_context, vae_scale_factor, text_tokens, joint_frames))
+    """`window_phases` on meta copies, cached. A trace answers for both attentions and every feed-forward chunk size
+    the plan tries at once (`_window_variants`): a plan traces each shape once."""
+    tokens = branches * frames * (height // vae_scale_factor) * (width // vae_scale_factor)
+    chunk = lambda ff: None if ff and ff >= tokens else ff  # noqa: E731  (a chunk of every token changes nothing)
+    variants = sorted({(m, chunk(ff)) for m in (True, False) for ff in (*FF_CHUNKS, ff_chunk)},
+                      key=lambda v: (v[0], v[1] or 0))
+
+    def key(variant):
+        return ("window", _config_key(unet), tuple(_config_key(n) for n in nets), height, width, frames, branches,
+                *variant, getattr(motion_context, "__name__", None), vae_scale_factor, text_tokens, joint_frames,
+                motion, _dtype(unet))
+
+    def trace():
+        models = meta_copy(unet, motion=motion), [meta_copy(n) for n in nets]
+        args = (height, width, frames, branches, motion_context, vae_scale_factor, text_tokens, joint_frames)
+        try:
+            peaks = _window_variants(*models, variants, *args)
+        except _NotShared:  # each variant alone
+            peaks = {v: _window_variants(*models, [v], *args)[v] for v in variants}
+        return {key(v): p for v, p in peaks.items()}
+
+    return _cached(key((memory_efficient, chunk(ff_chunk))), trace)
 
 
 @torch.no_grad()
@@ -332,13 +567,29 @@ def window_phases(unet, nets, height, width, frames, branches, memory_efficient=
     frame's residuals of one branch): what any reuse cache adds is held through the UNet phase only, so one trace
     serves every reuse mode. On meta models the kernels are stand-ins (`_meta_kernels`); on real models (any device)
     the same calls run for real: what bench/bench_memory.py measures the estimate against."""
+    variant = (memory_efficient, ff_chunk)
+    return _window_variants(unet, nets, [variant], height, width, frames, branches, motion_context, scale,
+                            text_tokens, joint_frames)[variant]
+
+
+@torch.no_grad()
+def _window_variants(unet, nets, variants, height, width, frames, branches, motion_context=None, scale=8,
+                     text_tokens=77, joint_frames=None) -> dict:
+    """`window_phases` for several (memory_efficient, ff_chunk) on meta models in one trace (`_Alternatives`), by
+    variant; raises `_NotShared` where one trace cannot serve them all exactly."""
     dtype, meta = unet.dtype, unet.device
     h, w, c = height // scale, width // scale, unet.config.in_channels
     t = torch.tensor(999, device=meta)
     context = motion_context(unet) if motion_context is not None else nullcontext()
-    kernels = _meta_kernels(memory_efficient, ff_chunk, joint_frames) if meta.type == "meta" else nullcontext()
+    mem = LiveTensorBytes()
+    if meta.type == "meta":
+        kernels = _meta_kernels(None, None, joint_frames, variants, mem)
+    elif len(variants) == 1:  # the models' own kernels, as set up
+        kernels = nullcontext()
+    else:
+        raise ValueError("several variants need meta models")
     per_frame = 0
-    with kernels, context, LiveTensorBytes() as mem:
+    with kernels as alternatives, context, mem:
         latents = torch.empty(branches, c, frames, h, w, device=meta, dtype=dtype)
         embeds = torch.empty(branches * frames, text_tokens, unet.config.cross_attention_dim, device=meta, dtype=dtype)
         x = latents.transpose(1, 2).reshape(branches * frames, c, h, w)
@@ -353,10 +604,14 @@ def window_phases(unet, nets, height, width, frames, branches, memory_efficient=
         del x
         if down is not None:
             per_frame = (sum(r.numel() for r in down) + mid.numel()) // (branches * frames)
-        controlnets, mem.peak = mem.peak, mem.live
+        if alternatives is None:
+            controlnets, mem.peak = dict.fromkeys(variants, mem.peak), mem.live
+        else:
+            controlnets = alternatives.phase()
         unet(latents, t, encoder_hidden_states=embeds, down_block_additional_residuals=down,
              mid_block_additional_residual=mid)
-    return controlnets, mem.peak, per_frame
+        unet_peak = dict.fromkeys(variants, mem.peak) if alternatives is None else alternatives.phase()
+    return {v: (controlnets[v], unet_peak[v], per_frame) for v in variants}
 
 
 def window_trace(unet, nets, height, width, frames, branches, memory_efficient=True, ff_chunk=None, motion_context=None, scale=8, text_tokens=77, joint_frames=None):
@@ -375,7 +630,8 @@ def vae_bytes(vae, height: int, width: int, frames: int, *, memory_efficient: bo
 @torch.no_grad()
 def _vae_trace(vae, height, width, frames, memory_efficient, encode):
     meta, scale = torch.device("meta"), 2 ** (len(vae.config.block_out_channels) - 1)
-    with _meta_kernels(memory_efficient, None), LiveTensorBytes() as mem:
+    mem = LiveTensorBytes()
+    with _meta_kernels(memory_efficient, None, mem=mem), mem:
         if encode:
             vae.encode(torch.empty(frames, 3, height, width, device=meta, dtype=vae.dtype)).latent_dist.mean.float()
         else:
@@ -628,13 +884,13 @@ def estimate_memory(pipe, height, width, context_length=16, batch_cfg=True, guid
     return parts
 
 
-def stage_weights(pipe, placement: str = "all") -> dict:
+def stage_weights(pipe, placement: str = "all", models: dict | None = None) -> dict:
     """Bytes of the weights on the accelerator during each stage: "text", "vae", and for "window" and "edit window"
-    a pair (while the ControlNets run, while the UNet runs)."""
+    a pair (while the ControlNets run, while the UNet runs). `models`: each placed model's `weight_bytes`, if known."""
     if placement == "all":
         every = resident_weights(pipe)
         return {"text": every, "window": (every, every), "edit window": (every, every), "vae": every}
-    models = {name: weight_bytes(m) for name, m in placed_models(pipe).items()}
+    models = models or {name: weight_bytes(m) for name, m in placed_models(pipe).items()}
     unet, stages = models["unet"], {}
     for stage, branch in (("window", "controlnet"), ("edit window", "edit_")):
         nets = [size for n, size in models.items() if n.startswith(branch)] or [0]
@@ -722,7 +978,8 @@ def plan_memory(pipe, height, width, context_length=16, batch_cfg=True, guidance
         ((True, ff, serial, reuse, place) for ff in chunks for serial in serials for reuse in reuses for place in where),
         key=_cost)
 
-    weights = {place: stage_weights(pipe, place) for place in where}  # once: the estimates below only add them up
+    sizes = {name: weight_bytes(m) for name, m in placed_models(pipe).items()}  # each model's, once
+    weights = {place: stage_weights(pipe, place, sizes) for place in where}  # once: the estimates only add them up
 
     def settings(option):
         memeff, ff, serial, reuse, place = option

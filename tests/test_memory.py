@@ -189,3 +189,32 @@ def test_cli_max_vram(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["render", "in.mp4", "--max-vram", "12"])
     assert "--max-vram '12': write a size with a unit" in capsys.readouterr().err
+
+
+def test_fast_cold_trace_equals_the_plain_trace_byte_for_byte(tiny_pipe, monkeypatch):
+    """The cold plan's speed-ups (meta ops and attention stand-ins replayed by signature; one trace for both attentions
+    and every feed-forward chunk, the kernels side by side) against the plain trace: each variant alone, every meta op
+    run."""
+    monkeypatch.setattr(memory, "_META_OPS", {})  # a cold process
+    monkeypatch.setattr(memory, "_KERNELS", {})
+    nets = [memory.meta_copy(n) for n in tiny_pipe.controlnets]
+    unet, edit_unet = memory.meta_copy(tiny_pipe.unet), memory.meta_copy(tiny_pipe.unet, motion=False)
+    variants = [(True, None), (True, 7), (False, 256)]  # 7: not a divisor of any token count
+    for models, size, frames, branches, context, joint in (
+            ((unet, nets), 64, 8, 2, per_frame_motion_groupnorm, None),
+            ((edit_unet, nets[:1]), 64, 4, 2, None, 4)):  # the editing branch: no motion modules, joint attention
+        args = (size, size, frames, branches, context, 8, 77, joint)
+        fast = [memory._window_variants(*models, variants, *args) for _ in range(2)]  # recorded, then replayed
+        with monkeypatch.context() as plain:
+            plain.setattr(memory, "REPLAY", False)
+            expected = {v: memory.window_phases(*models, *args[:4], *v, *args[4:]) for v in variants}
+        assert fast[0] == fast[1] == expected
+        assert len(set(expected.values())) == len(variants)  # the variants differ: one trace answers for each
+    assert sum(bool(outs) for outs in memory._META_OPS.values()) > 100  # ops were replayed, not run
+    assert sum(bool(done) for done in memory._KERNELS.values()) > 4  # and attention stand-ins
+    vae = memory.meta_copy(tiny_pipe.vae)
+    for size, frames, memeff, encode in ((64, 3, False, False), (32, 2, True, True), (64, 1, True, False)):
+        fast = [memory._vae_trace(vae, size, size, frames, memeff, encode) for _ in range(2)]
+        with monkeypatch.context() as plain:
+            plain.setattr(memory, "REPLAY", False)
+            assert fast == [memory._vae_trace(vae, size, size, frames, memeff, encode)] * 2
