@@ -8,6 +8,11 @@ Tiny random models (diffutoon.tiny), 1 step, windows 16/8, CFG 7, a cheap linear
 tiny` for the random-weight LineartDetector, much slower at 256 px). "streamed": the video is
 a file read lazily (VideoClip), condition frames and latents live in the render folder, frames go straight into an
 mp4. "in memory": the same video as a uint8 array, frames returned as a uint8 array (what the pipeline did before).
+"streamed, dynamic threshold": streamed, with glibc's mmap threshold left to rise after large frees (its default;
+the pipeline fixes it, diffutoon.memory.steady_host_memory). Anonymous memory is what a render holds; file-backed
+pages (the memory-mapped frame arrays) are the kernel's to drop.
+
+    python bench/bench_longrender.py --frames 48 192 768 --size 256 --modes streamed "streamed, dynamic threshold"
 """
 
 import argparse
@@ -76,6 +81,10 @@ def one_run(mode: str, frames: int, size: int, source: str, folder: str, annotat
     from diffutoon.tiny import build_tiny_pipeline, tiny_lineart_detector
 
     torch.set_num_threads(1)
+    if mode == "streamed, dynamic threshold":  # the peer: glibc's mmap threshold left to rise as it does by default
+        from diffutoon import memory
+
+        memory.steady_host_memory = lambda: False
     pipe = build_tiny_pipeline(seed=0)
     pipe.set_progress_bar_config(disable=True)
     detector = tiny_lineart_detector() if annotator == "tiny" else _edges
@@ -87,7 +96,7 @@ def one_run(mode: str, frames: int, size: int, source: str, folder: str, annotat
     baseline, anon0, file0 = rss_mb(), rss_mb("RssAnon"), rss_mb("RssFile")
     start = time.time()
     with PeakSampler() as sampler:
-        if mode == "streamed":
+        if mode.startswith("streamed"):
             pipe(video=clip, render_dir=folder, output_path=Path(folder).with_suffix(".mp4"), **common)
         else:
             result = vio.to_uint8(pipe(video=video, output_type="np", **common).frames[0])  # what a caller then holds
@@ -167,7 +176,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, nargs="+", default=[100, 400, 1600])
     parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--modes", nargs="+", default=["streamed", "in memory"])
+    parser.add_argument("--modes", nargs="+", default=["streamed", "in memory"],
+                        choices=["streamed", "streamed, dynamic threshold", "in memory"],
+                        help="'streamed, dynamic threshold': streamed with glibc's mmap threshold left dynamic "
+                             "(diffutoon.memory.steady_host_memory off), the behaviour before it")
     parser.add_argument("--checkpoint", action="store_true", help="measure the checkpoint cost instead")
     parser.add_argument("--annotator", choices=("edges", "tiny"), default="edges",
                         help="lineart stand-in: PIL edges (fast, default) or the tiny random LineartDetector")

@@ -679,10 +679,28 @@ def _libc():
         return None
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD = 128 * 1024  # glibc's default: larger buffers get their own mapping, unmapped when freed
+
+
+@functools.lru_cache(maxsize=1)
+def steady_host_memory() -> bool:
+    """Fix glibc's mmap threshold at its default, 128 KiB, for the rest of the process (once; not if the user set
+    MALLOC_MMAP_THRESHOLD_). glibc otherwise raises it after each large free, up to 32 MiB: from then on frame- and
+    window-sized buffers come from the heap, whose freed gaps stay resident, so a render's anonymous memory settled
+    40-170 MB higher, at random, from run to run (bench/RESULTS.md, "Host memory"). Fixed, each such buffer is mapped
+    and unmapped whole. Process-wide, like every malloc setting; returns whether it was set (False without glibc)."""
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+
+
 def trim_host_memory():
-    """Give the C allocator's free pages back to the OS (glibc's `malloc_trim`), once per window: without it, freed
-    window-sized host buffers leave fragments that let the anonymous RSS creep up over the first windows of a long
-    render (bench/bench_longrender.py). It moves no data; a no-op without glibc."""
+    """Give the C allocator's free pages back to the OS (glibc's `malloc_trim`), before a render and once per window
+    or chunk, with the mmap threshold fixed first (`steady_host_memory`): host memory flat over a long render
+    (bench/bench_longrender.py). It moves no data; a no-op without glibc."""
+    steady_host_memory()
     trim = getattr(_libc(), "malloc_trim", None)
     if trim is not None:
         trim(0)

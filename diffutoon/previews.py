@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ STRIP_FRAMES = 8  # frames in the strip, evenly spread over the video
 STRIP_HEIGHT = 128  # the strip's frames are at most this tall (latent size for the linear map at 1024x1024)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 VIDEOS = (".mp4", ".mov", ".m4v", ".mkv", ".gif")
+MARK = "Diffutoon live preview"  # in every preview file (EXIF, GIF or container comment): previews replace only their own
 
 
 def latent_to_rgb(latents: torch.Tensor) -> torch.Tensor:
@@ -71,6 +73,9 @@ class Previewer:
             taken = None if path is None else Path(os.path.realpath(path))
             if taken is not None and (where == taken or taken in where.parents):  # the output's file or PNG folder
                 raise ValueError(f"preview {preview} is (in) the render's {name} {path}: write previews elsewhere.")
+        if os.path.lexists(where) and not is_preview(where):
+            raise ValueError(f"preview {preview} exists and is not a live preview this project wrote: pass another "
+                             "path, or move that file away (a preview replaces only an earlier preview).")
 
     def wants_all_frames(self) -> bool:
         return self.path is not None and self.path.suffix.lower() not in IMAGE_SUFFIXES
@@ -139,12 +144,36 @@ def _atomic(path: Path, data: bytes):
         raise
 
 
+def is_preview(path) -> bool:
+    """Whether the file at `path` is a preview written by `Previewer` (it carries `MARK`)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        if path.suffix.lower() in IMAGE_SUFFIXES + (".gif",):
+            import PIL.Image
+
+            with PIL.Image.open(path) as image:
+                return image.getexif().get(EXIF_DESCRIPTION) == MARK or image.info.get("comment") == MARK.encode()
+        import importlib
+
+        info = importlib.import_module("diffutoon.video")._ffmpeg_info(path)
+        return re.search(rf"^\s*comment\s*:\s*{MARK}\s*$", info, re.MULTILINE | re.IGNORECASE) is not None
+    except Exception:  # noqa: BLE001 (unreadable: not ours)
+        return False
+
+
+EXIF_DESCRIPTION = 0x010E  # EXIF ImageDescription
+
+
 def _write_image(path: Path, image: np.ndarray) -> Path:
     import PIL.Image
 
     buffer = io.BytesIO()
     fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(path.suffix.lower(), "PNG")
-    PIL.Image.fromarray(image).save(buffer, format=fmt)
+    exif = PIL.Image.Exif()
+    exif[EXIF_DESCRIPTION] = MARK
+    PIL.Image.fromarray(image).save(buffer, format=fmt, exif=exif.tobytes())
     _atomic(path, buffer.getvalue())
     return path
 
@@ -160,9 +189,10 @@ def _write_video(path: Path, frames: np.ndarray, fps: float) -> Path:
 
         buffer = io.BytesIO()
         images = [PIL.Image.fromarray(f) for f in frames]
-        images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=1000 / fps, loop=0)
+        images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=1000 / fps, loop=0,
+                       comment=MARK)
         _atomic(path, buffer.getvalue())
         return path
     vio = importlib.import_module("diffutoon.video")  # ffmpeg writer, project install only
-    vio.write_output(path, iter([frames]), fps, overwrite=True, progress=False, total=len(frames))
+    vio.write_video(path, iter([frames]), fps, overwrite=True, progress=False, total=len(frames), comment=MARK)
     return path

@@ -527,12 +527,13 @@ def _partial_name(path):
 
 @_makes_parents
 def write_video(path, frames, fps, audio_from=None, audio_span=None, overwrite=False, crf=18, preset="medium",
-                progress=True, total=None):
+                progress=True, total=None, comment=None):
     """Encode frames to an H.264 (yuv420p) mp4 at `fps`, with the audio of `audio_from` between
     `audio_span` = (t0, t1) seconds muxed in (AAC), written atomically. Returns the path.
 
     frames: an (n, H, W, 3) array, or any iterable of frames or chunks, uint8 or float in [0, 1]. Odd sizes
-    are padded by one black pixel (yuv420p needs even sides). No audio when `audio_from` has none.
+    are padded by one black pixel (yuv420p needs even sides). No audio when `audio_from` has none. `comment`: the
+    container's comment tag.
 
     >>> write_video("/tmp/grey.mp4", np.full((8, 64, 64, 3), 128, np.uint8), fps=8, overwrite=True,
     ...             progress=False)
@@ -558,7 +559,8 @@ def write_video(path, frames, fps, audio_from=None, audio_span=None, overwrite=F
         cmd += ["-ss", f"{t0:.6f}"] + (["-t", f"{t1 - t0:.6f}"] if t1 is not None else []) + ["-i", str(audio_from)]
         cmd += ["-map", "0:v:0", "-map", "1:a:0", "-c:a", "aac", "-b:a", "192k"]
     cmd += ["-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2", "-c:v", "libx264", "-preset", preset, "-crf", str(crf),
-            "-pix_fmt", "yuv420p", "-movflags", "+faststart", "-f", MUXERS.get(path.suffix.lower(), "mp4"), str(tmp)]
+            "-pix_fmt", "yuv420p", "-movflags", "+faststart"] + (["-metadata", f"comment={comment}"] if comment else [])
+    cmd += ["-f", MUXERS.get(path.suffix.lower(), "mp4"), str(tmp)]
     bar = tqdm(total=total, desc="writing video", unit="frame", disable=not progress)
     count = 0
     with tempfile.TemporaryFile() as log:  # a file, not a pipe: ffmpeg can never block on a full stderr

@@ -15,6 +15,7 @@ from test_distributed import spawn as spawn_group
 from test_render_folder import spawn as spawn_job
 
 from diffutoon import fast, previews, report
+from diffutoon import video as vio
 from diffutoon.tiny import tiny_components
 from pipeline_diffutoon import DiffutoonDDIMScheduler, DiffutoonPipeline, sliding_windows
 
@@ -175,7 +176,8 @@ def test_previews_and_fast_mode_off_leave_the_render_unchanged(job_pipe, job_ref
                    progress_callback=look, keep_render_dir=True)
     assert np.array_equal(out.frames[0], job_reference["main"])  # previews on == off (the reference)
     assert seen == {step: (str(tmp_path / "live.mp4"), (4, 8 * 4, 3)) for step in (1, 2, 3)}  # 8 frames of 4x4
-    assert (tmp_path / "live.mp4").stat().st_size > 0
+    assert (tmp_path / "live.mp4").stat().st_size > 0 and previews.is_preview(tmp_path / "live.mp4")
+    previews.Previewer.check(tmp_path / "live.mp4")  # so the next render may replace it
     # the quality report: in the folder, in the result, and from the frames the call returned
     saved = json.loads((tmp_path / "render" / "report.json").read_text())
     assert saved == out.report == json.loads((tmp_path / "render" / "progress.json").read_text())["report"]
@@ -194,6 +196,21 @@ def test_a_preview_over_the_output_is_refused_before_any_work(job_pipe, tmp_path
         with pytest.raises(ValueError, match="preview .* is \\(in\\) the render's output_path"):
             job_pipe(**job(), output_path=output, fps=8, preview=preview)
     assert not out.exists() and not frames.exists()
+    import PIL.Image
+
+    for name in ("mine.png", "mine.gif", "mine.mp4"):  # a user's own file where the preview would go: kept as it is
+        mine = tmp_path / name
+        if name.endswith(".mp4"):
+            vio.write_video(mine, np.zeros((2, 8, 8, 3), np.uint8), fps=8, progress=False)
+        else:
+            PIL.Image.new("RGB", (8, 8)).save(mine)
+        before = mine.read_bytes()
+        with pytest.raises(ValueError, match="exists and is not a live preview this project wrote"):
+            job_pipe(**job(), preview=mine)
+        assert mine.read_bytes() == before and not previews.is_preview(mine)
+    for name in ("p.png", "p.jpg", "p.webp"):  # what previews write carries their mark
+        assert previews.is_preview(previews._write_image(tmp_path / name, np.zeros((4, 8, 3), np.uint8)))
+    assert previews.is_preview(previews._write_video(tmp_path / "p.gif", np.zeros((2, 4, 4, 3), np.uint8), 8))
 
 
 def test_the_quality_report_against_fastblend_metrics_and_by_hand():
@@ -286,6 +303,6 @@ def test_the_cli_refuses_fast_and_preview_mistakes_before_reading_frames_or_load
                            (["--motion-adapter", str(lightning)], "made for fast_mode='lightning-4'"),
                            (["--motion-adapter", str(lightning), "--fast", "lcm-4"], "does not fit"),
                            (["--preview", str(out)], "is \\(in\\) the render's output_path"),
-                           (["--preview", str(source)], "is \\(in\\) the render's input video")]:
+                           (["--preview", str(source)], "is \\(in\\) the render's input video|exists and is not a live preview")]:
         assert cli.main(["render", str(source), "-o", str(out), "--device", "cpu", "-q", *extra]) == 2, extra
         assert re.search(message, capsys.readouterr().err), extra

@@ -199,3 +199,47 @@ def test_a_resume_keeps_what_step_end_callbacks_changed(job_pipe, tmp_path):
     interrupted_render(job_pipe, tmp_path / "r", at_step=2, callback_on_step_end=cutoff())
     resumed = job_pipe(**job(callback_on_step_end=cutoff()), render_dir=tmp_path / "r")
     assert np.array_equal(resumed.frames[0], expected)
+
+
+STEADY = '''
+import ctypes, sys
+import numpy as np
+from diffutoon import memory
+
+class MallInfo(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+libc = ctypes.CDLL("libc.so.6")
+if not hasattr(libc, "mallinfo2"):
+    sys.exit(3)
+libc.mallinfo2.restype = MallInfo
+
+def mapped_while_held():  # how many of four 1536x1536 RGB frames (7 MB) get a mapping of their own
+    base = libc.mallinfo2().hblks
+    buffers = [np.ones((1536, 1536, 3), np.uint8) for _ in range(4)]
+    mapped = libc.mallinfo2().hblks - base
+    del buffers
+    return mapped
+
+fixed = memory.steady_host_memory() if sys.argv[1] == "steady" else None
+big = np.ones(24 << 20, np.uint8)
+del big  # a large free: glibc raises its mmap threshold to 24 MiB, unless it was fixed
+print(fixed, mapped_while_held())
+'''
+
+
+def test_host_memory_steady_maps_frame_sized_buffers_after_a_large_free():
+    """glibc raises its mmap threshold after a large free, and from then on frame-sized buffers come from the heap
+    (bench/RESULTS.md "Host memory": what made a long render's anonymous memory settle 40-170 MB higher at random);
+    `steady_host_memory` (called before every render) puts the default back for good, unless the user set one."""
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    env["PYTHONPATH"] = str(ROOT)
+    run = lambda how, **extra: subprocess.run([sys.executable, "-c", STEADY, how], env=dict(env, **extra),  # noqa: E731
+                                              capture_output=True, text=True)
+    out = run("steady")
+    if out.returncode == 3:
+        pytest.skip("not glibc >= 2.33 (no mallinfo2)")
+    assert out.stdout.split() == ["True", "4"], out.stderr  # each buffer mapped, and unmapped when freed
+    assert run("dynamic").stdout.split() == ["None", "0"]  # glibc's own way: from the heap after the large free
+    assert run("steady", MALLOC_MMAP_THRESHOLD_="33554432").stdout.split() == ["False", "0"]  # the user's setting stands
