@@ -1407,7 +1407,8 @@ class DiffutoonPipeline(
         result, the input, the models, the versions) must match the folder's to resume it. Inside a process group
         (`distributed`), every process must be given the same render, and rank 0 alone holds the folder."""
         group = process_group(arguments["distributed"])
-        trim_host_memory()  # the mmap threshold fixed and the free pages returned before the render: flat host memory
+        # the allocator's free pages returned before the render, and on an accelerator its mmap threshold fixed
+        trim_host_memory(steady=self._execution_device.type != "cpu")  # host memory flat and steady, at no cost there
         if render_dir is None and group is None:
             return InMemoryRender(progress_callback)
         identity = self._render_identity(arguments, source, edit_settings)

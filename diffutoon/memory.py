@@ -687,20 +687,24 @@ MMAP_THRESHOLD = 128 * 1024  # glibc's default: larger buffers get their own map
 def steady_host_memory() -> bool:
     """Fix glibc's mmap threshold at its default, 128 KiB, for the rest of the process (once; not if the user set
     MALLOC_MMAP_THRESHOLD_). glibc otherwise raises it after each large free, up to 32 MiB: from then on frame- and
-    window-sized buffers come from the heap, whose freed gaps stay resident, so a render's anonymous memory settled
-    40-170 MB higher, at random, from run to run (bench/RESULTS.md, "Host memory"). Fixed, each such buffer is mapped
-    and unmapped whole. Process-wide, like every malloc setting; returns whether it was set (False without glibc)."""
+    window-sized buffers come from the heap, whose freed gaps stay resident. Fixed, each such buffer is mapped and
+    unmapped whole: a render's anonymous host memory is ~50 MB lower at 256x256 and steadier from run to run
+    (bench/RESULTS.md, "Host memory"), for ~1.25x the CPU time of a render that runs on the CPU (each large activation
+    then faults fresh pages in); next to an accelerator's work the host's buffers cost nothing measurable. The pipeline
+    calls it before every render on an accelerator. Process-wide, like every malloc setting; returns whether it was
+    set (False without glibc)."""
     mallopt = getattr(_libc(), "mallopt", None)
     if mallopt is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
 
 
-def trim_host_memory():
+def trim_host_memory(steady: bool = False):
     """Give the C allocator's free pages back to the OS (glibc's `malloc_trim`), before a render and once per window
-    or chunk, with the mmap threshold fixed first (`steady_host_memory`): host memory flat over a long render
-    (bench/bench_longrender.py). It moves no data; a no-op without glibc."""
-    steady_host_memory()
+    or chunk (`steady`: with the mmap threshold fixed first, `steady_host_memory`): host memory flat over a long
+    render (bench/bench_longrender.py). It moves no data; a no-op without glibc."""
+    if steady:
+        steady_host_memory()
     trim = getattr(_libc(), "malloc_trim", None)
     if trim is not None:
         trim(0)

@@ -232,7 +232,8 @@ print(fixed, mapped_while_held())
 def test_host_memory_steady_maps_frame_sized_buffers_after_a_large_free():
     """glibc raises its mmap threshold after a large free, and from then on frame-sized buffers come from the heap
     (bench/RESULTS.md "Host memory": what made a long render's anonymous memory settle 40-170 MB higher at random);
-    `steady_host_memory` (called before every render) puts the default back for good, unless the user set one."""
+    `steady_host_memory` (called before every render on an accelerator) puts the default back for good, unless the
+    user set one."""
     env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
     env["PYTHONPATH"] = str(ROOT)
     run = lambda how, **extra: subprocess.run([sys.executable, "-c", STEADY, how], env=dict(env, **extra),  # noqa: E731
