@@ -1208,7 +1208,8 @@ class DiffutoonPipeline(
                 made for is refused with one ValueError.
             preview (None): live previews of the clean-video estimate after every step (diffutoon/previews.py): None
                 writes `previews/latest.png` into `render_dir` when there is one; False: none; a path (.png/.jpg:
-                a strip of frames, .mp4/.gif: every frame) is kept up to date as well. `progress_callback` hears of
+                a strip of frames, .mp4/.gif: every frame) is kept up to date as well (it may replace an earlier
+                preview only: a path holding any other file is refused before the render). `progress_callback` hears of
                 each: "preview" (the file), "preview_step". Never part of the render's identity or result.
             preview_vae: an `AutoencoderTiny` (TAESD, madebyollin/taesd) for sharper previews; default: a linear map
                 of the latent channels to RGB at latent size.

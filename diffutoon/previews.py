@@ -29,6 +29,7 @@ STRIP_HEIGHT = 128  # the strip's frames are at most this tall (latent size for 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 VIDEOS = (".mp4", ".mov", ".m4v", ".mkv", ".gif")
 MARK = "Diffutoon live preview"  # in every preview file (EXIF, GIF or container comment): previews replace only their own
+EXIF_DESCRIPTION = 0x010E  # EXIF ImageDescription, where an image preview carries MARK
 
 
 def latent_to_rgb(latents: torch.Tensor) -> torch.Tensor:
@@ -161,9 +162,6 @@ def is_preview(path) -> bool:
         return re.search(rf"^\s*comment\s*:\s*{MARK}\s*$", info, re.MULTILINE | re.IGNORECASE) is not None
     except Exception:  # noqa: BLE001 (unreadable: not ours)
         return False
-
-
-EXIF_DESCRIPTION = 0x010E  # EXIF ImageDescription
 
 
 def _write_image(path: Path, image: np.ndarray) -> Path:
