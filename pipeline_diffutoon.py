@@ -1270,6 +1270,8 @@ class DiffutoonPipeline(
                           DEFAULT_PROMPT, self.unet.config.cross_attention_dim, guidance_scale > 1, batch_cfg)
         check_style(self, ip_adapter_image, ip_adapter_image_embeds, guidance_scale > 1)
         edit_settings = self._check_edit(source, edit_prompt, color_video, edit_kwargs)
+        if edit_settings and ip_adapter_image_embeds is not None and edit_settings["guidance_scale"] > 1:
+            check_style(self, None, ip_adapter_image_embeds, True, "the editing branch")  # its negative side too
         fps = self._check_output(output_path, fps, source, overwrite)
         plan = self._call_plan(memory_plan, memory_budget, height, width, context_length, batch_cfg, guidance_scale,
                                decode_chunk_size, reuse_across_windows, strength, motion_groupnorm, edit_settings)

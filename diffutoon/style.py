@@ -36,8 +36,9 @@ def _num_adapters(pipe) -> int:
     return len(pipe.unet.encoder_hid_proj.image_projection_layers)
 
 
-def check_style(pipe, ip_adapter_image, ip_adapter_image_embeds, do_cfg: bool) -> None:
-    """The style inputs against the loaded IP-Adapter(s), before any model runs; each error says what to change."""
+def check_style(pipe, ip_adapter_image, ip_adapter_image_embeds, do_cfg: bool, who: str = "the call") -> None:
+    """The style inputs against the loaded IP-Adapter(s), before any model runs; each error says what to change.
+    `who`: whose guidance `do_cfg` is (the editing branch's may differ from the call's)."""
     given = ip_adapter_image is not None or ip_adapter_image_embeds is not None
     if ip_adapter_image is not None and ip_adapter_image_embeds is not None:
         raise ValueError("Provide either `ip_adapter_image` or `ip_adapter_image_embeds`, not both.")
@@ -66,8 +67,10 @@ def check_style(pipe, ip_adapter_image, ip_adapter_image_embeds, do_cfg: bool) -
                          "each 3D or 4D as diffusers' `prepare_ip_adapter_image_embeds` returns them.")
     if any(e.shape[0] != (2 if do_cfg else 1) for e in embeds):
         raise ValueError(f"`ip_adapter_image_embeds` must have a first dimension of {2 if do_cfg else 1} "
-                         f"({'negative and positive, stacked, with guidance' if do_cfg else 'no guidance'}), got "
-                         f"{[tuple(e.shape) for e in embeds]}.")
+                         f"({'negative and positive, stacked, with guidance' if do_cfg else 'no guidance'} in {who}), "
+                         f"got {[tuple(e.shape) for e in embeds]}" + (
+                             "; pass `ip_adapter_image` instead (both sides are made from it), or give the editing "
+                             "branch edit_kwargs={'guidance_scale': 1}." if who != "the call" else "."))
 
 
 @torch.no_grad()

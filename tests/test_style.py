@@ -154,6 +154,10 @@ def test_memory_efficient_and_cross_frame_processors_coexist_with_the_ip_adapter
     assert kinds == {"IPAdapterAttnProcessor2_0": {True}, "MemoryEfficientAttnProcessor": {False}}
     assert all(p.chunk_size == 7 for p in pipe.unet.attn_processors.values() if isinstance(p, MemoryEfficientAttnProcessor))
     torch.testing.assert_close(call(pipe, ip_adapter_image=STYLE), expected, rtol=1e-4, atol=1e-4)
+    # no guidance in the call, guidance in the editing branch: one row of embeddings has no negative for its negative side
+    with pytest.raises(ValueError, match="negative and positive, stacked, with guidance in the editing branch"):
+        call(pipe, ip_adapter_image_embeds=[torch.zeros(1, 1, 16)], guidance_scale=1.0, edit_prompt="orange dress",
+             edit_kwargs=dict(height=SIZE, width=SIZE, num_inference_steps=1, context_length=4, context_stride=2))
     pipe.disable_memory_efficient_attention()  # the IP-Adapter stays
     assert sum(isinstance(p, IPAdapterAttnProcessor2_0) for p in pipe.unet.attn_processors.values()) == 6
 
