@@ -689,7 +689,7 @@ def steady_host_memory() -> bool:
     MALLOC_MMAP_THRESHOLD_). glibc otherwise raises it after each large free, up to 32 MiB: from then on frame- and
     window-sized buffers come from the heap, whose freed gaps stay resident. Fixed, each such buffer is mapped and
     unmapped whole: a render's anonymous host memory is ~50 MB lower at 256x256 and steadier from run to run
-    (bench/RESULTS.md, "Host memory"), for ~1.25x the CPU time of a render that runs on the CPU (each large activation
+    (bench/RESULTS.md, "Host memory"), for ~1.23-1.28x the time of a render that runs on the CPU (each large activation
     then faults fresh pages in); next to an accelerator's work the host's buffers cost nothing measurable. The pipeline
     calls it before every render on an accelerator. Process-wide, like every malloc setting; returns whether it was
     set (False without glibc)."""
