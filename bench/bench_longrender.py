@@ -81,10 +81,6 @@ def one_run(mode: str, frames: int, size: int, source: str, folder: str, annotat
     from diffutoon.tiny import build_tiny_pipeline, tiny_lineart_detector
 
     torch.set_num_threads(1)
-    if mode == "streamed, steady":  # as the pipeline does on an accelerator: glibc's mmap threshold fixed
-        from diffutoon import memory
-
-        memory.steady_host_memory()
     pipe = build_tiny_pipeline(seed=0)
     pipe.set_progress_bar_config(disable=True)
     detector = tiny_lineart_detector() if annotator == "tiny" else _edges
@@ -97,6 +93,10 @@ def one_run(mode: str, frames: int, size: int, source: str, folder: str, annotat
     start = time.time()
     with PeakSampler() as sampler:
         if mode.startswith("streamed"):
+            if mode == "streamed, steady":  # glibc's mmap threshold fixed as a render on an accelerator starts
+                from diffutoon import memory
+
+                memory.steady_host_memory()
             pipe(video=clip, render_dir=folder, output_path=Path(folder).with_suffix(".mp4"), **common)
         else:
             result = vio.to_uint8(pipe(video=video, output_type="np", **common).frames[0])  # what a caller then holds
