@@ -33,6 +33,19 @@ def call(pipe, **kwargs):
     return pipe(**args).frames
 
 
+def refused_before_models(pipe, modules, message, **kwargs):
+    """`call(pipe, **kwargs)` raises a ValueError matching `message` before any of `modules` runs."""
+    calls = []
+    hooks = [m.register_forward_pre_hook(lambda *a: calls.append(1)) for m in modules]
+    try:
+        with pytest.raises(ValueError, match=message):
+            call(pipe, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == []
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 5. Long prompts, against tokenizations written here the way each convention's code calls the tokenizer
 
@@ -116,15 +129,7 @@ BAD_TEXT = [
 
 @pytest.mark.parametrize("kwargs,message", BAD_TEXT)
 def test_bad_text_inputs_raise_before_any_model_runs(tiny_pipe, kwargs, message):
-    calls = []
-    hooks = [m.register_forward_pre_hook(lambda *a: calls.append(1)) for m in (tiny_pipe.unet, tiny_pipe.text_encoder)]
-    try:
-        with pytest.raises(ValueError, match=message):
-            call(tiny_pipe, **kwargs)
-    finally:
-        for h in hooks:
-            h.remove()
-    assert calls == []
+    refused_before_models(tiny_pipe, (tiny_pipe.unet, tiny_pipe.text_encoder), message, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import make_video
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
-from test_prompts import N, SIZE, call
+from test_prompts import N, SIZE, call, refused_before_models
 
 from attention_processors import CrossFrameAttnProcessor, MemoryEfficientAttnProcessor
 from diffutoon.render_folder import RenderFolderError
@@ -94,15 +94,7 @@ BAD_STYLE = [
 @pytest.mark.parametrize("kwargs,message", BAD_STYLE)
 def test_bad_style_inputs_raise_before_any_model_runs(styled, tiny_pipe, kwargs, message):
     pipe = styled[0]
-    calls = []
-    hooks = [m.register_forward_pre_hook(lambda *a: calls.append(1)) for m in (pipe.unet, pipe.image_encoder)]
-    try:
-        with pytest.raises(ValueError, match=message):
-            call(pipe, **kwargs)
-    finally:
-        for h in hooks:
-            h.remove()
-    assert calls == []
+    refused_before_models(pipe, (pipe.unet, pipe.image_encoder), message, **kwargs)
     with pytest.raises(ValueError, match="A style image needs an IP-Adapter: pipe.load_ip_adapter"):
         call(tiny_pipe, ip_adapter_image=STYLE)
 
